@@ -1,0 +1,105 @@
+"""`appliance train`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from appliance.cli.common import registry
+
+RECIPE_FOR_TASK = {"sft": "sft-qlora", "cpt": "cpt", "dpo": "dpo", "classify": "classify"}
+
+
+def parse_data_arg(text: str) -> dict:
+    """FILE or FILE:WEIGHT (the weight is used by the mixing strategies)."""
+    from appliance.errors import ApplianceError
+
+    path, sep, weight = text.rpartition(":")
+    if sep and path and not Path(text).exists():
+        try:
+            return {"path": path, "weight": float(weight)}
+        except ValueError:
+            raise ApplianceError(f"--data {text!r}: the weight after ':' is not a number.", "write FILE or FILE:WEIGHT, e.g. legal.jsonl:2") from None
+    return {"path": text}
+
+
+def flag_overrides(**flags) -> dict:
+    """Flags given on the command line, as a nested dict over the recipe (unset flags are absent)."""
+    where = {
+        "model": "model.name",
+        "steps": "train.steps",
+        "epochs": "train.epochs",
+        "lr": "train.lr",
+        "rank": "lora.rank",
+        "seq_len": "data.seq_len",
+        "batch_size": "train.batch_size",
+        "grad_accum": "train.grad_accum",
+        "val": "data.val",
+        "seed": "train.seed",
+        "save_every": "train.save_every",
+        "eval_every": "train.eval_every",
+        "layers": "lora.layers",
+    }
+    out: dict = {}
+    for key, value in flags.items():
+        if value is None or key not in where:
+            continue
+        section, field = where[key].split(".")
+        out.setdefault(section, {})[field] = value
+    if flags.get("data"):
+        out.setdefault("data", {})["files"] = [parse_data_arg(d) for d in flags["data"]]
+    return out
+
+
+@click.command()
+@click.option("--model", required=True, help="base model name in the store (`appliance models list`)")
+@click.option("--data", multiple=True, required=True, help="training data FILE (repeat for several)")
+@click.option("--name", required=True, help="name of the adapter to create")
+@click.option("--recipe", default=None, help="recipe in profiles/recipes (default: sft-qlora, or by the data's format)")
+@click.option("--config", "config_file", type=click.Path(path_type=Path), help="YAML overriding the recipe")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="override one field, e.g. --set train.lr=1e-4")
+@click.option("--steps", type=int, help="optimizer steps (instead of epochs)")
+@click.option("--epochs", type=float, help="passes over the training split")
+@click.option("--lr", type=float, help="peak learning rate")
+@click.option("--rank", type=int, help="LoRA rank")
+@click.option("--seq-len", type=int, help="longest example in tokens")
+@click.option("--batch-size", type=int, help="examples per micro-batch")
+@click.option("--grad-accum", type=int, help="micro-batches per optimizer step")
+@click.option("--val", type=float, help="validation split: fraction (< 1) or count")
+@click.option("--seed", type=int, help="seed of init, dropout and data order")
+@click.option("--save-every", type=int, help="checkpoint every N steps")
+@click.option("--eval-every", type=int, help="validation every N steps")
+@click.option("--layers", help="train adapters only on these layers: top:8, 0-11, 3,5,7")
+@click.option("--resume", is_flag=True, help="continue from the newest checkpoint of this run")
+@click.option("--overwrite", is_flag=True, help="replace an adapter or run of the same name")
+def train(name, recipe, config_file, sets, resume, overwrite, **flags) -> None:
+    """Fine-tune a LoRA adapter on a 4-bit base (QLoRA) with a live dashboard.
+
+    \b
+    Examples:
+      appliance train --model smollm2 --data facts.jsonl --name facts --steps 30
+      appliance train --model smollm2 --data facts.jsonl --name facts --set lora.dropout=0.1 --resume
+    Ctrl-C saves a checkpoint and exits 130; the same command with --resume continues.
+    """
+    from appliance import ui
+    from appliance.config import load_run_config
+    from appliance.store import check_name
+    from appliance.train.loop import run_training
+
+    check_name(name, "adapter name")
+    if recipe is None:
+        from appliance.cli.data import task_for_format
+        from appliance.data.load import load_file
+
+        recipe = RECIPE_FOR_TASK[task_for_format(load_file(Path(parse_data_arg(flags["data"][0])["path"])).format)]
+    cfg = load_run_config(recipe, config_file, sets, flag_overrides(**flags))
+    ui.console.print(f"[dim]recipe {cfg.recipe} · task {cfg.task} · resolved config saved in the run folder[/]")
+    with ui.Dashboard() as dashboard:
+        result = run_training(cfg, registry(), name, resume=resume, overwrite=overwrite, events=dashboard)
+    figures = "  ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in result.metrics.items())
+    ui.console.print(f"[green]adapter saved[/] {result.adapter} → {result.adapter_dir}\n  {figures}  ({ui.duration(result.elapsed_s)})")
+    ui.console.print(f"next: [bold]appliance merge {result.adapter}[/]  or  [bold]appliance serve {cfg.model.name} --adapter {result.adapter}[/]")
+
+
+commands = [train]

@@ -1,0 +1,234 @@
+"""Typed configuration: every spec a run needs, validated once at the CLI edge.
+
+Precedence: recipe YAML < `--config FILE` < `--set a.b=c` < flags. The merged
+dict is validated by pydantic once; steps receive `RunConfig`, never dicts.
+Every error names the field and what is allowed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from appliance.errors import ApplianceError
+
+
+def profiles_dir() -> Path:
+    """Shipped YAML profiles: inside the installed wheel, else the repository's top level."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "profiles", here.parent / "profiles"):
+        if candidate.is_dir():
+            return candidate
+    raise ApplianceError("The profiles folder is missing from this installation.", "reinstall appliance")
+
+
+class Spec(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+Task = Literal["sft", "cpt", "dpo", "classify"]
+
+
+class ModelSpec(Spec):
+    name: str | None = Field(None, description="model name in the store (`appliance models list`)")
+    load_in_4bit: bool = Field(True, description="QLoRA: NF4 base weights; false trains LoRA on 16-bit weights")
+    quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type; nf4 suits normally distributed weights")
+    double_quant: bool = Field(True, description="quantize the quantization constants too (~0.4 bit/param saved)")
+    compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto", description="auto: bf16 where the device computes it natively, else float32 (fp16 on old GPUs)"
+    )
+    gradient_checkpointing: bool = Field(True, description="recompute activations in backward: less memory, ~30 % more time")
+    allow_remote_code: bool = Field(False, description="accept a model whose config.json names custom code (auto_map)")
+
+
+class LoraSpec(Spec):
+    rank: int = Field(16, ge=1, le=512, description="adapter rank r; higher learns more and costs memory")
+    alpha: float = Field(32, gt=0, description="scaling numerator: the update is scaled by alpha / rank")
+    dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the adapter input (regularisation)")
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        "all-linear", description="'all-linear' or module names such as [q_proj, v_proj]"
+    )
+    layers: str | None = Field(
+        None, description="train adapters only on these layers: 'top:8', 'bottom:4', '0-11', '3,5,7'"
+    )
+
+
+class DataSource(Spec):
+    path: Path
+    weight: float | None = Field(None, ge=0, description="mixing weight (strategy 'proportional' uses sizes when unset)")
+
+
+class DataSpec(Spec):
+    files: list[DataSource] = Field(default_factory=list, description="training data files (JSONL, or .txt for cpt)")
+    val: float = Field(0.1, ge=0, description="validation split: a fraction (< 1) or a count of examples")
+    test: float = Field(0.0, ge=0, description="test split held out from training and early stopping; fraction or count")
+    val_file: Path | None = Field(None, description="a separate validation file (replaces the split)")
+    seq_len: int = Field(1024, ge=16, le=1_048_576, description="longest example in tokens")
+    overlong: Literal["drop", "truncate"] = Field("drop", description="examples over seq_len: drop them or cut them")
+    dedupe: bool = Field(True, description="remove exact duplicate examples before splitting")
+    seed: int = Field(0, description="seed of the split")
+
+
+class TrainSpec(Spec):
+    steps: int | None = Field(None, ge=1, description="optimizer steps (overrides epochs)")
+    epochs: float | None = Field(None, gt=0, description="passes over the training split when steps is unset")
+    lr: float = Field(2e-4, gt=0, lt=1, description="peak learning rate")
+    schedule: Literal["cosine", "linear", "constant"] = Field("cosine", description="decay after warm-up")
+    warmup: float = Field(0.05, ge=0, description="warm-up: a fraction of the steps (< 1) or a step count")
+    batch_size: int = Field(4, ge=1, description="examples per micro-batch")
+    grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
+    weight_decay: float = Field(0.0, ge=0, description="decoupled weight decay on the adapter weights")
+    max_grad_norm: float = Field(1.0, ge=0, description="gradient clipping; 0 turns it off")
+    optimizer: Literal["auto", "adamw", "paged_adamw_8bit", "adamw_8bit"] = Field(
+        "auto", description="auto: paged 8-bit AdamW on CUDA, AdamW on CPU"
+    )
+    packing: bool = Field(True, description="pack examples into one row without attention across them (no padding)")
+    seed: int = Field(0, description="seed of weights init, dropout and data order")
+    save_every: int = Field(0, ge=0, description="checkpoint every N steps (0: only at the end)")
+    eval_every: int = Field(0, ge=0, description="validation loss every N steps (0: only at the end)")
+    keep_checkpoints: int = Field(2, ge=1, description="newest checkpoints kept (plus the best one)")
+    early_stopping_patience: int = Field(0, ge=0, description="stop after N evaluations without improvement (0: off)")
+    device: Literal["auto", "cuda", "cpu"] = Field("auto", description="where to train")
+
+    @model_validator(mode="after")
+    def _length(self) -> "TrainSpec":
+        if self.steps is None and self.epochs is None:
+            self.epochs = 1.0
+        return self
+
+
+class RunConfig(Spec):
+    recipe: str = Field("sft-qlora", description="recipe name in profiles/recipes")
+    task: Task = Field("sft", description="what the loss is: sft (assistant tokens), cpt, dpo, classify")
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    lora: LoraSpec = Field(default_factory=LoraSpec)
+    data: DataSpec = Field(default_factory=DataSpec)
+    train: TrainSpec = Field(default_factory=TrainSpec)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+# -- loading and merging --------------------------------------------------
+
+
+def recipe_path(name: str) -> Path:
+    path = profiles_dir() / "recipes" / f"{name}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in (profiles_dir() / "recipes").glob("*.yaml"))
+        raise ApplianceError(f"Unknown recipe {name!r}.", f"use one of: {', '.join(known)}")
+    return path
+
+
+def read_yaml(path: Path, what: str) -> dict[str, Any]:
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ApplianceError(f"{what} {path} does not exist.", "check the path") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ApplianceError(f"Cannot read {what} {path}: {err}.", "check the file") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ApplianceError(f"{what} {path} is not valid YAML: {err}", "fix the YAML syntax") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ApplianceError(f"{what} {path} must be a mapping of sections (model, lora, data, train).", None)
+    return data
+
+
+def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def parse_set(items: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """`--set train.lr=1e-4 --set lora.target_modules=[q_proj,v_proj]` → nested dict (values parsed as YAML)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ApplianceError(f"--set {item!r} is not key=value.", "write it like --set train.lr=1e-4")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            value = raw
+        if isinstance(value, str):
+            # YAML 1.1 reads 1e-4 (no dot) as a string; users mean a number.
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        node = out
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ApplianceError(f"--set {item!r} conflicts with another --set of {part!r}.", None)
+        node[parts[-1]] = value
+    return out
+
+
+def _format_errors(err: ValidationError) -> list[str]:
+    lines = []
+    for e in err.errors():
+        field = ".".join(str(p) for p in e["loc"]) or "(config)"
+        got = e.get("input")
+        got_text = "" if isinstance(got, dict) else f" (got {got!r})"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"  {field}: unknown field{got_text}")
+        else:
+            lines.append(f"  {field}: {e['msg']}{got_text}")
+    return lines
+
+
+def allowed_fields(loc: tuple) -> list[str]:
+    model: type[BaseModel] = RunConfig
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        if field is None or not isinstance(field.annotation, type) or not issubclass(field.annotation, BaseModel):
+            return []
+        model = field.annotation
+    return sorted(model.model_fields)
+
+
+def validate_config(data: dict[str, Any]) -> RunConfig:
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as err:
+        hints = set()
+        for e in err.errors():
+            if e["type"] == "extra_forbidden":
+                names = allowed_fields(e["loc"])
+                if names:
+                    hints.add(f"{'.'.join(map(str, e['loc'][:-1])) or 'top level'} accepts: {', '.join(names)}")
+        raise ApplianceError(
+            f"The configuration has {err.error_count()} problem(s):",
+            "; ".join(sorted(hints)) or "correct the fields named above",
+            details=_format_errors(err),
+        ) from None
+
+
+def load_run_config(
+    recipe: str,
+    config_file: Path | None = None,
+    sets: list[str] | tuple[str, ...] = (),
+    flags: dict[str, Any] | None = None,
+) -> RunConfig:
+    """Recipe < config file < --set < flags, validated once."""
+    data = read_yaml(recipe_path(recipe), "recipe")
+    data.setdefault("recipe", recipe)
+    if config_file is not None:
+        data = deep_merge(data, read_yaml(config_file, "config file"))
+    data = deep_merge(data, parse_set(sets))
+    data = deep_merge(data, flags or {})
+    return validate_config(data)

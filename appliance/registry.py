@@ -1,0 +1,187 @@
+"""The artefacts users keep: models (imported bases, merged) and adapters.
+
+The file system is the registry: each artefact is a folder in the store with a
+manifest.json written last (inside an atomic folder write). This module reads
+and writes those manifests and is the only place that knows their shape.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import difflib
+import hashlib
+import json
+import shutil
+import struct
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from appliance.errors import ApplianceError
+from appliance.store import MANIFEST, Store, atomic_write_json, read_json
+
+
+def now_iso() -> str:
+    return dt.datetime.now(dt.timezone.utc).replace(microsecond=0).isoformat()
+
+
+class Manifest(BaseModel):
+    # Manifests outlive code versions: unknown keys from a newer version are kept, not refused.
+    model_config = ConfigDict(extra="allow")
+
+    name: str
+    created: str = Field(default_factory=now_iso)
+
+
+class ModelManifest(Manifest):
+    kind: Literal["base", "merged"] = "base"
+    source: str
+    fingerprint: str
+    architecture: str
+    model_type: str
+    task: Literal["causal-lm", "classify"] = "causal-lm"
+    parameters: int
+    dtype: str
+    context_length: int | None = None
+    chat_template: bool = False
+    end_of_turn: str | None = None
+    eos_token_ids: list[int] = Field(default_factory=list)
+    # merged models only
+    adapter: str | None = None
+    base: str | None = None
+    base_fingerprint: str | None = None
+    parity: dict[str, Any] | None = None
+
+
+class DataFileRecord(BaseModel):
+    path: str
+    sha256: str
+    format: str
+    examples: int
+
+
+class AdapterManifest(Manifest):
+    base: str
+    base_fingerprint: str
+    task: str
+    recipe: str
+    rank: int
+    alpha: float
+    target_modules: list[str]
+    data: list[DataFileRecord] = Field(default_factory=list)
+    config: dict[str, Any] = Field(default_factory=dict)
+    metrics: dict[str, Any] = Field(default_factory=dict)
+    timings: dict[str, float] = Field(default_factory=dict)
+    evaluation: dict[str, Any] | None = None
+    run: str | None = None
+
+
+# -- hashing ---------------------------------------------------------------
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def fingerprint_model(model_dir: Path) -> str:
+    """Hash of the config (architecture and shapes) and every weight file: same bytes, same fingerprint."""
+    config = read_json(model_dir / "config.json")
+    for volatile in ("transformers_version", "_name_or_path", "_model_name_or_path"):
+        config.pop(volatile, None)
+    h = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
+    for weights in sorted(model_dir.glob("*.safetensors")):
+        h.update(weights.name.encode())
+        h.update(sha256_file(weights).encode())
+    return h.hexdigest()[:16]
+
+
+def safetensors_parameters(model_dir: Path) -> int:
+    """Parameter count from the safetensors headers, without loading any weights."""
+    total = 0
+    for weights in model_dir.glob("*.safetensors"):
+        with open(weights, "rb") as f:
+            (size,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(size))
+        for key, info in header.items():
+            if key == "__metadata__":
+                continue
+            n = 1
+            for dim in info["shape"]:
+                n *= dim
+            total += n
+    return total
+
+
+# -- the registry ------------------------------------------------------------
+
+
+class Registry:
+    def __init__(self, store: Store | None = None):
+        self.store = store or Store()
+
+    # models
+    def model_dir(self, name: str) -> Path:
+        return self.store.path("models", name)
+
+    def model(self, name: str) -> ModelManifest:
+        return self._read("models", name, ModelManifest, "appliance models list", "appliance models import SOURCE --name NAME")
+
+    def models(self) -> list[ModelManifest]:
+        return [self.model(n) for n in self.store.names("models")]
+
+    # adapters
+    def adapter_dir(self, name: str) -> Path:
+        return self.store.path("adapters", name)
+
+    def adapter(self, name: str) -> AdapterManifest:
+        return self._read("adapters", name, AdapterManifest, "appliance adapters list", "appliance train ... --name NAME")
+
+    def adapters(self) -> list[AdapterManifest]:
+        return [self.adapter(n) for n in self.store.names("adapters")]
+
+    def remove_adapter(self, name: str) -> Path:
+        self.adapter(name)
+        path = self.adapter_dir(name)
+        shutil.rmtree(path)
+        return path
+
+    def run_dir(self, name: str) -> Path:
+        return self.store.path("runs", name)
+
+    @staticmethod
+    def write_manifest(folder: Path, manifest: Manifest) -> Path:
+        return atomic_write_json(folder / MANIFEST, manifest.model_dump(mode="json"))
+
+    def _read(self, kind: str, name: str, cls: type[Manifest], list_cmd: str, make_cmd: str):
+        folder = self.store.path(kind, name)
+        path = folder / MANIFEST
+        if not path.is_file():
+            known = self.store.names(kind)
+            close = difflib.get_close_matches(name, known, n=3)
+            what = kind.rstrip("s")
+            hint = f"did you mean {', '.join(close)}? " if close else ""
+            if folder.is_dir():
+                raise ApplianceError(
+                    f"The {what} {name!r} is incomplete (no manifest: an import or save was interrupted).",
+                    f"remove {folder} and create it again ({make_cmd})",
+                )
+            raise ApplianceError(
+                f"Unknown {what} {name!r}.",
+                f"{hint}see `{list_cmd}`" + ("" if known else f"; create one with `{make_cmd}`"),
+            )
+        try:
+            return cls.model_validate(read_json(path))
+        except (ValidationError, json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ApplianceError(
+                f"The manifest of {what_of(kind)} {name!r} is damaged: {str(err).splitlines()[0]}",
+                f"remove {folder} and create it again ({make_cmd})",
+            ) from None
+
+
+def what_of(kind: str) -> str:
+    return kind.rstrip("s")

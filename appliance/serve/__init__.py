@@ -1,0 +1,1 @@
+"""Serving: the vLLM command line, foreground runs, the systemd service, runtime adapters."""

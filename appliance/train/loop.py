@@ -1,0 +1,547 @@
+"""One training loop for every recipe: setup → train → save.
+
+The run keeps all its state on one object. Everything a resume needs (adapter
+weights, optimizer state, step, data position, RNG states) is in a checkpoint,
+so a run stopped at step k and resumed takes exactly the steps an
+uninterrupted run takes. SIGINT and SIGTERM finish the current step, save a
+checkpoint and exit 130 / 143; a second Ctrl-C exits at once (checkpoints are
+renamed into place whole, so the last good one survives).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from appliance.config import RunConfig
+from appliance.data.batches import Batch, MicroBatchPlan
+from appliance.data.dataset import PreparedData, data_records, prepare
+from appliance.errors import ApplianceError, TrainingInterrupted
+from appliance.hardware import detect
+from appliance.registry import AdapterManifest, Registry
+from appliance.store import MANIFEST, atomic_dir, atomic_write, ensure_free_space, read_json
+from appliance.train import checkpoint as ckpt
+from appliance.train.events import (
+    CheckpointSaved,
+    EvalDone,
+    EventSink,
+    Note,
+    PhaseChanged,
+    RunStarted,
+    StepDone,
+    ignore,
+)
+from appliance.train.model import (
+    attach_lora,
+    compute_dtype,
+    load_base,
+    load_tokenizer,
+    quiet_libraries,
+    resolve_device,
+    trainable_parameters,
+)
+from appliance.train.objectives import Objective, objective_for
+
+# Settings that may change between a run and its resume without changing its results.
+RESUME_MAY_CHANGE = {("train", "save_every"), ("train", "eval_every"), ("train", "keep_checkpoints"), ("train", "device")}
+
+
+@dataclass
+class TrainResult:
+    adapter: str
+    adapter_dir: Path
+    run_dir: Path
+    steps: int
+    metrics: dict[str, float]
+    elapsed_s: float
+    stopped_early: bool = False
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def schedule_factor(step: int, total: int, warmup: int, kind: str) -> float:
+    """Learning-rate multiplier for optimizer step `step` (0-based): linear warm-up, then the decay."""
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    if kind == "constant":
+        return 1.0
+    progress = (step - warmup) / max(1, total - warmup)
+    if kind == "linear":
+        return max(0.0, 1.0 - progress)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def config_differences(a: dict[str, Any], b: dict[str, Any], prefix: tuple = ()) -> list[tuple]:
+    out = []
+    for key in sorted(set(a) | set(b)):
+        path = prefix + (key,)
+        va, vb = a.get(key), b.get(key)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out += config_differences(va, vb, path)
+        elif va != vb and path not in RESUME_MAY_CHANGE:
+            out.append(path)
+    return out
+
+
+class _Signals:
+    """First SIGINT/SIGTERM: stop after this step and save. Second SIGINT: leave now."""
+
+    def __init__(self):
+        self.received: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum, frame):
+        if self.received is not None and signum == signal.SIGINT:
+            os._exit(130)
+        self.received = signum
+
+
+class TrainingRun:
+    """A fine-tune from config to adapter. `run()` is the whole story."""
+
+    def __init__(
+        self,
+        cfg: RunConfig,
+        registry: Registry,
+        adapter_name: str,
+        *,
+        resume: bool = False,
+        overwrite: bool = False,
+        events: EventSink = ignore,
+    ):
+        self.cfg = cfg
+        self.registry = registry
+        self.adapter_name = adapter_name
+        self.resume = resume
+        self.overwrite = overwrite
+        self.emit = events
+        self.run_dir = registry.run_dir(adapter_name)
+        self.checkpoint_root = self.run_dir / "checkpoints"
+        self.adapter_dir = registry.adapter_dir(adapter_name)
+        self.state = ckpt.TrainState()
+        self.history: list[dict[str, Any]] = []
+
+    # -- setup ---------------------------------------------------------------------
+
+    def check_names(self) -> None:
+        if (self.adapter_dir / MANIFEST).is_file() and not self.overwrite:
+            raise ApplianceError(
+                f"An adapter named {self.adapter_name!r} already exists.",
+                "choose another --name, or pass --overwrite to replace it",
+            )
+        has_checkpoints = bool(ckpt.checkpoint_dirs(self.checkpoint_root))
+        if self.resume and not has_checkpoints:
+            raise ApplianceError(
+                f"There is no checkpoint of a run named {self.adapter_name!r} to resume.",
+                "drop --resume to start the run",
+            )
+        if has_checkpoints and not self.resume and not self.overwrite:
+            raise ApplianceError(
+                f"A run named {self.adapter_name!r} has checkpoints in {self.checkpoint_root}.",
+                "pass --resume to continue it, or --overwrite to start again",
+            )
+
+    def setup(self) -> None:
+        cfg = self.cfg
+        self.check_names()
+        quiet_libraries()
+        import torch
+
+        self.model_manifest = self.registry.model(cfg.model.name or "")
+        if self.model_manifest.task != "causal-lm":
+            raise ApplianceError(f"{self.model_manifest.name} is a classifier, not a language model.", "train from a base model")
+        self.model_dir = self.registry.model_dir(self.model_manifest.name)
+        self.hw = detect()
+        self.device = resolve_device(cfg.train.device, self.hw)
+        self.dtype = compute_dtype(cfg.model, self.device, self.hw)
+
+        if self.resume:
+            self._check_resume_config()
+        elif self.overwrite and self.run_dir.exists():
+            import shutil
+
+            shutil.rmtree(self.run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write(self.run_dir / "config.yaml", cfg.to_yaml())
+
+        self.tokenizer = load_tokenizer(self.model_dir)
+        self.data: PreparedData = prepare(cfg.data, cfg.task, self.tokenizer, model_name=self.model_manifest.name)
+        for leak in self.data.report.leaks[:3]:
+            self.emit(Note(f"leakage: a prompt appears in {' and '.join(leak.splits)}: {leak.prompt[:80]!r}", "warning"))
+        if self.data.report.overlong:
+            action = "dropped" if cfg.data.overlong == "drop" else "truncated"
+            self.emit(Note(f"{self.data.report.overlong} example(s) longer than seq_len={cfg.data.seq_len} were {action}", "warning"))
+
+        torch.manual_seed(cfg.train.seed)
+        started = time.time()
+        self.model = self._build_model()
+        self.load_s = time.time() - started
+        self.adapter_params = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+        self.objective: Objective = objective_for(
+            cfg.task, self.tokenizer.pad_token_id, cfg.train.packing and cfg.task in ("sft", "cpt")
+        )
+        self.plan = MicroBatchPlan(len(self.data.train), cfg.train.batch_size, cfg.train.seed)
+        self.total_steps = self._total_steps()
+        self.warmup_steps = int(cfg.train.warmup) if cfg.train.warmup >= 1 else int(round(cfg.train.warmup * self.total_steps))
+        self.optimizer, self.optimizer_name = self._build_optimizer()
+        self.val_batches = self._batches_of(self.data.val)
+
+    def _build_model(self):
+        model = load_base(self.model_dir, self.cfg.model, self.device, self.dtype, task=self.cfg.task)
+        return attach_lora(model, self.cfg.lora, task=self.cfg.task)
+
+    def _total_steps(self) -> int:
+        t = self.cfg.train
+        if t.steps is not None:
+            return t.steps
+        return max(1, math.ceil((t.epochs or 1.0) * self.plan.per_epoch / t.grad_accum))
+
+    def _build_optimizer(self):
+        import torch
+
+        t = self.cfg.train
+        params = list(self.adapter_params.values())
+        name = t.optimizer
+        if name == "auto":
+            name = "paged_adamw_8bit" if self.device == "cuda" else "adamw"
+        if name in ("paged_adamw_8bit", "adamw_8bit"):
+            if self.device != "cuda":
+                raise ApplianceError(f"optimizer {name} needs a CUDA GPU.", "use --set train.optimizer=adamw on CPU")
+            import bitsandbytes as bnb
+
+            cls = bnb.optim.PagedAdamW8bit if name == "paged_adamw_8bit" else bnb.optim.AdamW8bit
+            return cls(params, lr=t.lr, weight_decay=t.weight_decay), name
+        return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay), name
+
+    def _check_resume_config(self) -> None:
+        saved_path = self.run_dir / "config.yaml"
+        if not saved_path.is_file():
+            return
+        import yaml
+
+        saved = yaml.safe_load(saved_path.read_text())
+        now = self.cfg.model_dump(mode="json")
+        diffs = config_differences(saved, now)
+        if diffs:
+            names = ", ".join(".".join(map(str, d)) for d in diffs)
+            raise ApplianceError(
+                f"--resume with settings that differ from the run's ({names}).",
+                f"resume with the same settings (saved in {saved_path}), or start a new run with another --name",
+            )
+
+    # -- batches -------------------------------------------------------------------
+
+    def _batches_of(self, items: list[Any]) -> list[Batch]:
+        size = self.cfg.train.batch_size
+        return [self.objective.collate([e.item for e in items[i : i + size]]) for i in range(0, len(items), size)]
+
+    def _micro_batch(self, k: int) -> Batch:
+        return self.objective.collate([self.data.train[i].item for i in self.plan(k)])
+
+    # -- checkpoints -----------------------------------------------------------------
+
+    def save_checkpoint(self, reason: str, metric: float | None = None) -> Path:
+        def room(nbytes: int) -> None:
+            ensure_free_space(self.checkpoint_root, nbytes, f"the checkpoint at step {self.state.step}")
+
+        path = ckpt.save(
+            self.checkpoint_root,
+            self.state,
+            self.adapter_params,
+            self.optimizer.state_dict(),
+            metric,
+            before_write=room,
+        )
+        best = self.checkpoint_root / f"{ckpt.PREFIX}{self.state.best_step:08d}" if self.state.best_step is not None else None
+        ckpt.prune(self.checkpoint_root, self.cfg.train.keep_checkpoints, best)
+        self.emit(CheckpointSaved(self.state.step, str(path), reason))
+        return path
+
+    def load_checkpoint(self) -> str:
+        """Restore from the newest checkpoint that verifies; say so when falling back."""
+        import torch
+
+        candidates = ckpt.checkpoint_dirs(self.checkpoint_root)
+        for path in reversed(candidates):
+            problem = ckpt.verify(path)
+            if problem:
+                self.emit(Note(f"checkpoint {path.name} is damaged ({problem}); falling back to the one before", "warning"))
+                continue
+            state, adapter, optimizer_state = ckpt.load(path)
+            with torch.no_grad():
+                for name, param in self.adapter_params.items():
+                    param.copy_(adapter[name].to(param.device, param.dtype))
+            self.optimizer.load_state_dict(optimizer_state)
+            self.state = state
+            self._truncate_metrics(state.step)
+            return path.name
+        raise ApplianceError(
+            f"No checkpoint of {self.adapter_name!r} verifies (all damaged).",
+            "start again with --overwrite",
+        )
+
+    def _truncate_metrics(self, step: int) -> None:
+        path = self.run_dir / "metrics.jsonl"
+        if not path.is_file():
+            return
+        kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= step]
+        self.history = [json.loads(line) for line in kept]
+        atomic_write(path, "".join(line + "\n" for line in kept))
+
+    def _log(self, record: dict[str, Any]) -> None:
+        self.history.append(record)
+        with open(self.run_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    # -- the loop --------------------------------------------------------------------
+
+    def evaluate(self) -> dict[str, float]:
+        if not self.val_batches:
+            return {}
+        self.model.eval()
+        try:
+            return self.objective.evaluate(self.model, self.val_batches, self.device)
+        finally:
+            self.model.train()
+
+    def _after_eval(self, metrics: dict[str, float]) -> bool:
+        """Record an evaluation; True when early stopping says stop."""
+        value = metrics.get(self.objective.metric)
+        improved = False
+        if value is not None:
+            best = self.state.best_metric
+            improved = best is None or (value > best if self.objective.higher_is_better else value < best)
+            if improved:
+                self.state.best_metric, self.state.best_step = value, self.state.step
+                self.state.evals_without_improvement = 0
+            else:
+                self.state.evals_without_improvement += 1
+        self.emit(EvalDone(self.state.step, metrics, improved))
+        self._log({"step": self.state.step, **metrics})
+        patience = self.cfg.train.early_stopping_patience
+        if patience and improved:
+            self.save_checkpoint("best", value)
+        return bool(patience) and self.state.evals_without_improvement >= patience
+
+    def memory_gib(self) -> float:
+        if self.device == "cuda":
+            import torch
+
+            return torch.cuda.max_memory_allocated() / 2**30
+        import psutil
+
+        return psutil.Process().memory_info().rss / 2**30
+
+    def train_step(self) -> dict[str, float]:
+        import torch
+
+        t = self.cfg.train
+        micro = [self._micro_batch(self.state.micro_batches + i) for i in range(t.grad_accum)]
+        units = sum(self.objective.units(b) for b in micro) or 1
+        factor = schedule_factor(self.state.step, self.total_steps, self.warmup_steps, t.schedule)
+        for group in self.optimizer.param_groups:
+            group["lr"] = group.get("initial_lr", t.lr) * factor
+        loss_total, stats_total = 0.0, {}
+        for batch in micro:
+            tensors = {k: v.to(self.device) for k, v in batch.tensors.items()}
+            loss_sum, stats = self.objective.loss_sum(self.model, tensors)
+            (loss_sum / units).backward()
+            loss_total += float(loss_sum.detach())
+            for k, v in stats.items():
+                stats_total[k] = stats_total.get(k, 0.0) + v / len(micro)
+        params = [p for p in self.adapter_params.values() if p.requires_grad]
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm if t.max_grad_norm > 0 else float("inf"))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.state.micro_batches += t.grad_accum
+        self.state.step += 1
+        useful = sum(b.useful_tokens for b in micro)
+        self.state.tokens_seen += useful
+        return {
+            "loss": loss_total / units,
+            "lr": t.lr * factor,
+            "grad_norm": float(grad_norm),
+            "useful_tokens": useful,
+            **stats_total,
+        }
+
+    def on_step_start(self) -> None:
+        """Hook for recipes that change what trains as the run goes (gradual unfreezing)."""
+
+    def train(self, signals: _Signals) -> bool:
+        """The loop. Returns True when early stopping ended it."""
+        import torch
+
+        t = self.cfg.train
+        self.model.train()
+        session_start, session_step0 = time.time(), self.state.step
+        elapsed0 = self.state.elapsed_s
+        while self.state.step < self.total_steps:
+            self.on_step_start()
+            step_start = time.time()
+            figures = self.train_step()
+            if self.device == "cuda":
+                torch.cuda.synchronize()
+            step_s = time.time() - step_start
+            self.state.elapsed_s = elapsed0 + time.time() - session_start
+            done_here = self.state.step - session_step0
+            eta = (time.time() - session_start) / done_here * (self.total_steps - self.state.step)
+            memory = self.memory_gib()
+            record = {
+                "step": self.state.step,
+                "epoch": round(self.plan.epoch_of(self.state.micro_batches), 3),
+                **{k: (round(v, 6) if isinstance(v, float) else v) for k, v in figures.items()},
+                "tokens_per_s": round(figures["useful_tokens"] / step_s, 1),
+                "step_s": round(step_s, 3),
+                "elapsed_s": round(self.state.elapsed_s, 1),
+                "memory_gib": round(memory, 3),
+            }
+            self._log(record)
+            extra = {k: v for k, v in figures.items() if k not in ("loss", "lr", "grad_norm", "useful_tokens")}
+            self.emit(
+                StepDone(
+                    self.state.step,
+                    self.total_steps,
+                    figures["loss"],
+                    figures["lr"],
+                    figures["grad_norm"],
+                    record["tokens_per_s"],
+                    self.state.elapsed_s,
+                    eta,
+                    memory,
+                    record["epoch"],
+                    extra,
+                )
+            )
+            last = self.state.step >= self.total_steps
+            if t.eval_every and self.state.step % t.eval_every == 0 and not last:
+                if self._after_eval(self.evaluate()):
+                    self.emit(Note(f"early stopping: no improvement in {t.early_stopping_patience} evaluations"))
+                    return True
+            if signals.received is not None:
+                path = self.save_checkpoint("interrupted")
+                raise TrainingInterrupted(130 if signals.received == signal.SIGINT else 143, str(path))
+            if t.save_every and self.state.step % t.save_every == 0 and not last:
+                self.save_checkpoint("scheduled")
+        return False
+
+    def restore_best(self) -> int | None:
+        """Early stopping keeps the best checkpoint; put its weights back for the adapter."""
+        import torch
+
+        if self.state.best_step is None or not self.cfg.train.early_stopping_patience:
+            return None
+        path = self.checkpoint_root / f"{ckpt.PREFIX}{self.state.best_step:08d}"
+        if not path.is_dir() or ckpt.verify(path):
+            return None
+        from safetensors.torch import load_file
+
+        weights = load_file(str(path / "adapter.safetensors"))
+        with torch.no_grad():
+            for name, param in self.adapter_params.items():
+                param.copy_(weights[name].to(param.device, param.dtype))
+        return self.state.best_step
+
+    def save_adapter(self, metrics: dict[str, float], train_s: float) -> Path:
+        ensure_free_space(self.adapter_dir.parent, sum(p.numel() * 4 for p in self.adapter_params.values()), "the adapter")
+        cfg = self.cfg
+        with atomic_dir(self.adapter_dir, overwrite=True) as tmp:
+            self.model.save_pretrained(str(tmp), safe_serialization=True)
+            adapter_config = read_json(tmp / "adapter_config.json")
+            # vLLM's filesystem resolver matches this against the server's --model path.
+            adapter_config["base_model_name_or_path"] = str(self.model_dir)
+            (tmp / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2))
+            self.write_extra_files(tmp)
+            targets = adapter_config.get("target_modules") or []
+            manifest = AdapterManifest(
+                name=self.adapter_name,
+                base=self.model_manifest.name,
+                base_fingerprint=self.model_manifest.fingerprint,
+                task=cfg.task,
+                recipe=cfg.recipe,
+                rank=cfg.lora.rank,
+                alpha=cfg.lora.alpha,
+                target_modules=sorted(targets) if isinstance(targets, list) else [targets],
+                data=data_records(self.data, cfg.data),
+                config=cfg.model_dump(mode="json"),
+                metrics=metrics,
+                timings={"load_s": round(self.load_s, 1), "train_s": round(train_s, 1)},
+                run=str(self.run_dir),
+            )
+            self.registry.write_manifest(tmp, manifest)
+        return self.adapter_dir
+
+    def write_extra_files(self, folder: Path) -> None:
+        """Hook: recipes that save more than the adapter (a classifier's label names)."""
+
+    # -- the whole story --------------------------------------------------------------
+
+    def run(self) -> TrainResult:
+        self.setup()
+        trainable, total = trainable_parameters(self.model)
+        resumed = self.load_checkpoint() if self.resume else None
+        self.emit(
+            RunStarted(
+                self.adapter_name,
+                self.model_manifest.name,
+                self.device,
+                str(self.dtype).replace("torch.", ""),
+                self.total_steps,
+                self.state.step,
+                len(self.data.train),
+                len(self.data.val),
+                trainable,
+                total,
+                self.optimizer_name,
+                resumed,
+            )
+        )
+        self.emit(PhaseChanged(self.state.step, "all adapter layers", trainable))
+        with _Signals() as signals:
+            stopped_early = self.train(signals)
+            metrics = {}
+            last_train = next((h for h in reversed(self.history) if "loss" in h), None)
+            if last_train:
+                metrics["train_loss"] = last_train["loss"]
+            final_eval = self.evaluate()
+            if final_eval and not stopped_early:
+                self._after_eval(final_eval)
+            best_step = self.restore_best()
+            if best_step is not None and best_step != self.state.step:
+                self.emit(Note(f"restored the best checkpoint (step {best_step}, {self.objective.metric}={self.state.best_metric:.4f})"))
+                final_eval = self.evaluate()
+            metrics.update(final_eval)
+            metrics["steps"] = self.state.step
+            if best_step is not None:
+                metrics["best_step"] = best_step
+            self.save_checkpoint("final", final_eval.get(self.objective.metric))
+            adapter_dir = self.save_adapter(metrics, self.state.elapsed_s)
+        return TrainResult(
+            self.adapter_name, adapter_dir, self.run_dir, self.state.step, metrics, self.state.elapsed_s, stopped_early, self.history
+        )
+
+
+def run_training(
+    cfg: RunConfig,
+    registry: Registry,
+    adapter_name: str,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    events: EventSink = ignore,
+) -> TrainResult:
+    return TrainingRun(cfg, registry, adapter_name, resume=resume, overwrite=overwrite, events=events).run()

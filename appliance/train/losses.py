@@ -1,0 +1,98 @@
+"""Losses that never hold the full logits.
+
+The language-model head is the widest matrix in a small model (SmolLM2:
+576 × 49,152, a fifth of its forward FLOPs) and its logits are the largest
+activation in a big-vocabulary one (Llama 3: 128k floats per token). We
+compute logits only at positions that carry loss, a chunk at a time, and —
+because the head is frozen — take the gradient with respect to the hidden
+states in the same pass (softmax − one-hot, times the head), so nothing is
+kept for backward but one hidden-sized gradient.
+"""
+
+from __future__ import annotations
+
+import torch
+
+IGNORE_INDEX = -100
+LOGITS_BUDGET_BYTES = 256 * 2**20  # fp32 logits held at once per chunk
+
+
+def chunk_rows(vocab_size: int) -> int:
+    return max(64, LOGITS_BUDGET_BYTES // (4 * vocab_size))
+
+
+class _FusedLinearCrossEntropy(torch.autograd.Function):
+    """sum_i CE(hidden_i @ weightᵀ, target_i) with the hidden-state gradient computed in forward."""
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, rows: int):
+        loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        for start in range(0, hidden.shape[0], rows):
+            h = hidden[start : start + rows]
+            t = targets[start : start + rows]
+            logits = (h @ weight.t()).float()
+            lse = torch.logsumexp(logits, dim=-1)
+            loss += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
+            if grad is not None:
+                probs = torch.exp(logits - lse[:, None])
+                probs[torch.arange(t.shape[0], device=t.device), t] -= 1.0
+                grad[start : start + rows] = (probs.to(weight.dtype) @ weight).to(hidden.dtype)
+        ctx.save_for_backward(grad if grad is not None else torch.empty(0))
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        (grad,) = ctx.saved_tensors
+        return grad * grad_output.to(grad.dtype), None, None, None
+
+
+def linear_cross_entropy_sum(hidden: torch.Tensor, head: torch.nn.Module, targets: torch.Tensor) -> torch.Tensor:
+    """Summed CE of `head(hidden)` against `targets` (rows of hidden, 1-D targets)."""
+    weight = getattr(head, "weight", None)
+    plain_linear = (
+        type(head) is torch.nn.Linear and getattr(head, "bias", None) is None and weight is not None and not weight.requires_grad
+    )
+    if plain_linear:
+        return _FusedLinearCrossEntropy.apply(hidden, weight, targets, chunk_rows(weight.shape[0]))
+    # A trainable or wrapped head (LoRA on lm_head, a quantized head): chunk with recomputation.
+    from torch.utils.checkpoint import checkpoint
+
+    def chunk_loss(h, t):
+        return torch.nn.functional.cross_entropy(head(h).float(), t, reduction="sum")
+
+    rows = chunk_rows(getattr(head, "out_features", 131072))
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, hidden.shape[0], rows):
+        total = total + checkpoint(chunk_loss, hidden[start : start + rows], targets[start : start + rows], use_reentrant=False)
+    return total
+
+
+def causal_lm_hidden(model, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Last hidden states of a (peft-wrapped) causal LM, without computing its logits."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    decoder = base.get_decoder()
+    out = decoder(
+        input_ids=tensors["input_ids"],
+        attention_mask=tensors.get("attention_mask"),
+        position_ids=tensors.get("position_ids"),
+        use_cache=False,
+    )
+    return out.last_hidden_state
+
+
+def output_head(model) -> torch.nn.Module:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base.get_output_embeddings()
+
+
+def causal_lm_loss_sum(model, tensors: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """(summed next-token CE over labelled positions, number of such positions)."""
+    hidden = causal_lm_hidden(model, tensors)
+    targets = tensors["labels"][:, 1:]
+    keep = targets != IGNORE_INDEX
+    n = int(keep.sum())
+    if n == 0:
+        return hidden.sum() * 0.0, 0
+    selected = hidden[:, :-1][keep]
+    return linear_cross_entropy_sum(selected, output_head(model), targets[keep]), n

@@ -1,0 +1,164 @@
+"""Loading the base for training (4-bit NF4 or 16-bit) and attaching LoRA.
+
+transformers loads, bitsandbytes owns the 4-bit layers, peft owns LoRA; this
+module only chooses their settings. We do not call
+`prepare_model_for_kbit_training`: it casts every non-quantized weight
+(embeddings, norms, head) to fp32, which costs memory and buys nothing when
+those weights are frozen.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from pathlib import Path
+from typing import Any
+
+from appliance.config import LoraSpec, ModelSpec
+from appliance.errors import ApplianceError
+from appliance.hardware import Hardware
+
+
+def quiet_libraries() -> None:
+    """Library chatter that reads like an error to a user but is not one."""
+    import os
+
+    import transformers
+
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    logging.getLogger("peft").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message=".*kernels.*")
+    warnings.filterwarnings("ignore", category=UserWarning, module="peft")
+    warnings.filterwarnings("ignore", category=UserWarning, module="torch.utils.checkpoint")
+
+
+def resolve_device(requested: str, hw: Hardware) -> str:
+    if requested == "cuda" and hw.device != "cuda":
+        raise ApplianceError("--device cuda was asked for, but no CUDA GPU is visible.", "drop --device or check `nvidia-smi`")
+    return hw.device if requested == "auto" else requested
+
+
+def compute_dtype(spec: ModelSpec, device: str, hw: Hardware):
+    """bf16 where the hardware computes it natively; fp16 on GPUs without bf16; fp32 on other CPUs."""
+    import torch
+
+    if spec.compute_dtype != "auto":
+        return getattr(torch, spec.compute_dtype)
+    if device == "cuda":
+        return torch.bfloat16 if hw.bf16 else torch.float16
+    return torch.bfloat16 if hw.bf16 else torch.float32
+
+
+def load_tokenizer(model_dir: Path):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_base(model_dir: Path, spec: ModelSpec, device: str, dtype, *, task: str = "sft", num_labels: int = 0) -> Any:
+    """The frozen base, 4-bit NF4 (double quant) or 16-bit, on `device`."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, BitsAndBytesConfig
+
+    kwargs: dict[str, Any] = {
+        "dtype": dtype,
+        "device_map": {"": 0} if device == "cuda" else {"": "cpu"},
+        "attn_implementation": "sdpa",
+        "trust_remote_code": False,
+        "use_safetensors": True,
+    }
+    if spec.load_in_4bit:
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=spec.quant_type,
+            bnb_4bit_use_double_quant=spec.double_quant,
+            bnb_4bit_compute_dtype=dtype,
+            bnb_4bit_quant_storage=torch.uint8,
+        )
+    if task == "classify":
+        model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=num_labels, **kwargs)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
+    model.config.use_cache = False
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = model.config.eos_token_id if isinstance(model.config.eos_token_id, int) else 0
+    for param in model.parameters():
+        param.requires_grad_(False)
+    for module in model.modules():
+        # bitsandbytes (0.50) repacks 4-bit weights for AVX512-BF16 CPUs on the first forward in
+        # eval mode and never unpacks them for training; the packed kernel has no backward, so
+        # gradients after a validation pass would be silently wrong. Keep the trainable layout.
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+    if spec.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+def num_layers(model: Any) -> int:
+    return int(model.config.num_hidden_layers)
+
+
+def parse_layers(text: str | None, n_layers: int) -> list[int] | None:
+    """'top:8', 'bottom:4', '0-11', '3,5,7' → sorted layer indices (None: all layers)."""
+    if text is None or text.strip() in ("", "all"):
+        return None
+    text = text.strip()
+    problem = ApplianceError(
+        f"--layers {text!r} does not fit a model with {n_layers} layers (0..{n_layers - 1}).",
+        f"use top:N or bottom:N with N ≤ {n_layers}, a range like 0-{n_layers - 1}, or a list like 0,2,4",
+    )
+    try:
+        if text.startswith(("top:", "bottom:")):
+            side, count = text.split(":", 1)
+            n = int(count)
+            if not 1 <= n <= n_layers:
+                raise problem
+            return list(range(n_layers - n, n_layers)) if side == "top" else list(range(n))
+        layers: set[int] = set()
+        for part in text.split(","):
+            if "-" in part:
+                lo, hi = (int(x) for x in part.split("-", 1))
+                if lo > hi:
+                    raise problem
+                layers.update(range(lo, hi + 1))
+            else:
+                layers.add(int(part))
+    except ValueError:
+        raise problem from None
+    if not layers or min(layers) < 0 or max(layers) >= n_layers:
+        raise problem
+    return sorted(layers)
+
+
+def attach_lora(model: Any, lora: LoraSpec, *, task: str = "sft") -> Any:
+    """Wrap the frozen base with LoRA adapters (all linear layers by default)."""
+    from peft import LoraConfig, get_peft_model
+
+    layers = parse_layers(lora.layers, num_layers(model))
+    config = LoraConfig(
+        r=lora.rank,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=lora.target_modules,
+        layers_to_transform=layers,
+        layers_pattern="layers" if layers is not None else None,
+        bias="none",
+        task_type="SEQ_CLS" if task == "classify" else "CAUSAL_LM",
+    )
+    try:
+        return get_peft_model(model, config)
+    except ValueError as err:
+        raise ApplianceError(f"LoRA could not be attached: {err}", "check lora.target_modules against the model's module names") from None
+
+
+def trainable_parameters(model: Any) -> tuple[int, int]:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total

@@ -1,0 +1,199 @@
+"""rich rendering shared by commands: the live training dashboard, tables, the error panel.
+
+When stdout is not a terminal, the dashboard prints one plain line per step
+instead, so logs and CI output stay readable.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any, Iterable
+
+from rich.console import Console, Group
+from rich.live import Live
+from rich.panel import Panel
+from rich.table import Table
+from rich.text import Text
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+def fail(message: str, fix: str | None = None, details: Iterable[str] = ()) -> None:
+    body = Text(message, style="bold")
+    for line in details:
+        body.append("\n" + line)
+    if fix:
+        body.append("\nFix: ", style="bold green")
+        body.append(fix)
+    err_console.print(Panel(body, title="error", title_align="left", border_style="red", expand=False))
+
+
+def warn(message: str) -> None:
+    err_console.print(f"[yellow]warning:[/] {message}")
+
+
+def info(message: str) -> None:
+    console.print(message)
+
+
+def duration(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m:02d}:{s:02d}"
+
+
+def human_count(n: int | float) -> str:
+    for unit, size in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= size:
+            return f"{n / size:.1f}{unit}"
+    return str(int(n))
+
+
+def key_value_table(rows: dict[str, Any], title: str | None = None) -> Table:
+    table = Table(show_header=False, title=title, title_justify="left", box=None, padding=(0, 2))
+    table.add_column(style="bold cyan")
+    table.add_column()
+    for key, value in rows.items():
+        table.add_row(key, str(value))
+    return table
+
+
+def sparkline(values: list[float], width: int = 40) -> str:
+    bars = "▁▂▃▄▅▆▇█"
+    values = values[-width:]
+    if not values:
+        return ""
+    lo, hi = min(values), max(values)
+    span = (hi - lo) or 1.0
+    return "".join(bars[min(len(bars) - 1, int((v - lo) / span * (len(bars) - 1)))] for v in values)
+
+
+class Dashboard:
+    """Consumes training events (appliance.train.events) and shows them."""
+
+    def __init__(self, out: Console | None = None, live: bool | None = None):
+        self.console = out or console
+        self.live_mode = self.console.is_terminal if live is None else live
+        self.live: Live | None = None
+        self.started = None
+        self.step = None
+        self.eval: dict[str, float] = {}
+        self.losses: list[float] = []
+        self.phase = ""
+        self.trainable = 0
+        self.notes: list[str] = []
+        self.last_plain = 0.0
+
+    def __enter__(self):
+        if self.live_mode:
+            self.live = Live(self._render(), console=self.console, refresh_per_second=4, transient=False)
+            self.live.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self.live is not None:
+            self.live.update(self._render())
+            self.live.__exit__(*exc)
+            self.live = None
+
+    def __call__(self, event: Any) -> None:
+        from appliance.train import events as ev
+
+        if isinstance(event, ev.RunStarted):
+            self.started = event
+            self.trainable = event.trainable_params
+            text = (
+                f"[bold]training[/] {event.run_name} on {event.model} · {event.device} {event.dtype} · "
+                f"{event.train_examples} train / {event.val_examples} val examples · "
+                f"{human_count(event.trainable_params)} trainable of {human_count(event.total_params)} · {event.optimizer}"
+            )
+            if event.resumed_from:
+                text += f" · resumed from {event.resumed_from}"
+            self._print(text)
+        elif isinstance(event, ev.PhaseChanged):
+            self.phase = event.description
+            self.trainable = event.trainable_params
+            if event.step:
+                self._print(f"step {event.step}: now training {event.description} ({human_count(event.trainable_params)} parameters)")
+        elif isinstance(event, ev.StepDone):
+            self.step = event
+            self.losses.append(event.loss)
+            if not self.live_mode:
+                extra = "".join(f" {k}={v:.4g}" for k, v in event.extra.items())
+                self._print(
+                    f"step {event.step}/{event.total_steps} loss={event.loss:.4f} lr={event.lr:.2e} "
+                    f"tok/s={event.tokens_per_s:.0f} mem={event.memory_gib:.2f}GiB "
+                    f"elapsed={duration(event.elapsed_s)} eta={duration(event.eta_s)}{extra}"
+                )
+        elif isinstance(event, ev.EvalDone):
+            self.eval = event.metrics
+            figures = " ".join(f"{k}={v:.4f}" for k, v in event.metrics.items())
+            self._print(f"eval at step {event.step}: {figures}" + (" (best)" if event.improved else ""))
+        elif isinstance(event, ev.CheckpointSaved):
+            self._print(f"checkpoint ({event.reason}) at step {event.step}: {event.path}")
+        elif isinstance(event, ev.Note):
+            style = "yellow" if event.level == "warning" else "dim"
+            self._print(f"[{style}]{event.text}[/]")
+        if self.live is not None:
+            self.live.update(self._render())
+
+    def _print(self, text: str) -> None:
+        if self.live is not None:
+            self.live.console.print(text)
+        else:
+            self.console.print(text, highlight=False, soft_wrap=True)
+
+    def _render(self):
+        s = self.step
+        table = Table(show_header=False, box=None, padding=(0, 2))
+        table.add_column(style="bold cyan")
+        table.add_column()
+        if s is None:
+            table.add_row("step", "starting…")
+        else:
+            table.add_row("step", f"{s.step}/{s.total_steps}  (epoch {s.epoch:.2f})")
+            table.add_row("train loss", f"{s.loss:.4f}  {sparkline(self.losses)}")
+            if self.eval:
+                table.add_row("validation", "  ".join(f"{k} {v:.4f}" for k, v in self.eval.items()))
+            table.add_row("learning rate", f"{s.lr:.2e}")
+            table.add_row("tokens/s", f"{s.tokens_per_s:,.0f}")
+            table.add_row("elapsed / ETA", f"{duration(s.elapsed_s)} / {duration(s.eta_s)}")
+            table.add_row("memory", f"{s.memory_gib:.2f} GiB")
+            for k, v in s.extra.items():
+                table.add_row(k, f"{v:.4f}")
+        table.add_row("trainable", f"{human_count(self.trainable)} ({self.phase})")
+        title = f"appliance train · {self.started.run_name}" if self.started else "appliance train"
+        return Panel(Group(table), title=title, border_style="cyan", expand=False)
+
+
+class Spinner:
+    """A status spinner on a terminal; a single line otherwise."""
+
+    def __init__(self, text: str):
+        self.text = text
+        self.status = None
+        self.t0 = time.time()
+
+    def __enter__(self):
+        if console.is_terminal:
+            self.status = console.status(self.text)
+            self.status.__enter__()
+        else:
+            console.print(self.text + " …")
+        return self
+
+    def update(self, text: str) -> None:
+        self.text = text
+        if self.status is not None:
+            self.status.update(text)
+
+    def __exit__(self, *exc):
+        if self.status is not None:
+            self.status.__exit__(*exc)
+
+
+def is_tty() -> bool:
+    return sys.stdout.isatty()

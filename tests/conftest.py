@@ -1,0 +1,140 @@
+"""Shared fixtures: an isolated store per test, a tiny random LLaMA, and the real SmolLM2.
+
+The tiny LLaMA has SmolLM2's real tokenizer and chat template with random
+weights (2 layers, hidden 64): fast enough for unit tests of the real 4-bit
+loading, LoRA, training and merging code. SmolLM2 itself is converted from its
+GGUF once per machine (cached by pytest) for the end-to-end tests.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("TQDM_DISABLE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parent.parent
+DEMO = REPO / "appliance" / "demo"
+
+
+@pytest.fixture(autouse=True)
+def appliance_home(tmp_path, monkeypatch) -> Path:
+    home = tmp_path / "home"
+    monkeypatch.setenv("APPLIANCE_HOME", str(home))
+    return home
+
+
+def _link_tree(src: Path, dst: Path) -> None:
+    """Copy a folder by hard links (instant, no extra disk)."""
+    dst.mkdir(parents=True, exist_ok=True)
+    for item in src.iterdir():
+        if item.is_dir():
+            _link_tree(item, dst / item.name)
+        else:
+            try:
+                os.link(item, dst / item.name)
+            except OSError:
+                shutil.copy2(item, dst / item.name)
+
+
+@pytest.fixture(scope="session")
+def smollm2_store(request) -> Path:
+    """A store holding the imported SmolLM2 (converted once per machine, cached by pytest)."""
+    from appliance.models import embedded_gguf
+    from appliance.registry import Registry, sha256_file
+    from appliance.store import Store
+
+    cache = Path(request.config.cache.mkdir("appliance-smollm2"))
+    stamp = cache / "source.sha256"
+    digest = sha256_file(embedded_gguf())
+    if not (stamp.is_file() and stamp.read_text() == digest and (cache / "store/models/smollm2/manifest.json").is_file()):
+        shutil.rmtree(cache / "store", ignore_errors=True)
+        from appliance.models import import_model
+
+        import_model("smollm2", Registry(Store(cache / "store")))
+        stamp.write_text(digest)
+    return cache / "store"
+
+
+@pytest.fixture(scope="session")
+def tiny_model_folder(smollm2_store, tmp_path_factory) -> Path:
+    """A random 2-layer LLaMA in HF layout with SmolLM2's tokenizer and chat template."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    source = smollm2_store / "models" / "smollm2"
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        shutil.copy2(source / name, folder / name)
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=49152,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        tie_word_embeddings=True,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=2,
+    )
+    model = LlamaForCausalLM(config).to(torch.bfloat16)
+    model.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture
+def store(appliance_home):
+    from appliance.registry import Registry
+    from appliance.store import Store
+
+    return Registry(Store(appliance_home))
+
+
+@pytest.fixture
+def tiny(store, tiny_model_folder, smollm2_store):
+    """The tiny model imported into this test's store as 'tiny' (through the real import path)."""
+    from appliance.models import import_model
+
+    import_model(str(tiny_model_folder), store, name="tiny")
+    return store
+
+
+@pytest.fixture
+def smollm2(store, smollm2_store):
+    """SmolLM2 in this test's store (hard-linked from the session copy)."""
+    _link_tree(smollm2_store / "models" / "smollm2", store.store.root / "models" / "smollm2")
+    return store
+
+
+def run_cli(*args: str, env: dict | None = None, timeout: float = 1800, input: str | None = None) -> subprocess.CompletedProcess:
+    """The real CLI in a subprocess, as a user runs it."""
+    return subprocess.run(
+        [sys.executable, "-m", "appliance", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        timeout=timeout,
+        input=input,
+        cwd=REPO,
+    )
+
+
+def write_jsonl(path: Path, rows: list) -> Path:
+    import json
+
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+def chat(q: str, a: str) -> dict:
+    return {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
