@@ -103,7 +103,9 @@ def _from_hf_cache(repo_id: str) -> Path:
     from huggingface_hub.errors import LocalEntryNotFoundError
 
     try:
-        return Path(snapshot_download(repo_id, local_files_only=True))
+        # The cache location is read now, not at import, so HF_HUB_CACHE set by the caller counts.
+        cache_dir = os.environ.get("HF_HUB_CACHE") or None
+        return Path(snapshot_download(repo_id, local_files_only=True, cache_dir=cache_dir))
     except (LocalEntryNotFoundError, FileNotFoundError, OSError, ValueError):
         raise ApplianceError(
             f"{repo_id} is not in the local Hugging Face cache, and appliance never downloads at run time.",

@@ -475,7 +475,7 @@ class TrainingRun:
                 recipe=cfg.recipe,
                 rank=cfg.lora.rank,
                 alpha=cfg.lora.alpha,
-                target_modules=sorted(targets) if isinstance(targets, list) else [targets],
+                target_modules=sorted({t.rsplit(".", 1)[-1] for t in targets}) if isinstance(targets, list) else [targets],
                 data=data_records(self.data, cfg.data),
                 config=cfg.model_dump(mode="json"),
                 metrics=metrics,

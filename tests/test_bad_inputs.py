@@ -1,0 +1,197 @@
+"""Every user mistake: one clear message naming the fix, a non-zero exit, no traceback.
+
+Table-driven over the real CLI (click's runner, in-process, on the real steps).
+Each case builds its own files; the count is printed at the end.
+"""
+
+import os
+import re
+
+import pytest
+from click.testing import CliRunner
+
+from appliance.cli import main
+from conftest import DEMO, chat, write_jsonl
+
+CASES = []
+
+
+def case(name, needs_tiny=False):
+    def register(fn):
+        CASES.append(pytest.param(fn, needs_tiny, id=name))
+        return fn
+
+    return register
+
+
+def train_args(data, name="a", *extra):
+    return ["train", "--model", "tiny", "--data", str(data), "--name", name, "--steps", "1", *extra]
+
+
+# -- data -----------------------------------------------------------------------
+
+
+@case("data: missing file")
+def _(tmp):
+    return ["data", "check", str(tmp / "absent.jsonl")], "does not exist"
+
+
+@case("data: a folder instead of a file")
+def _(tmp):
+    return ["data", "check", str(tmp)], "is a folder"
+
+
+@case("data: unreadable file")
+def _(tmp):
+    path = write_jsonl(tmp / "locked.jsonl", [chat("q", "a")])
+    path.chmod(0)
+    if os.geteuid() == 0:  # root reads anything: make it a dangling symlink instead, equally unreadable
+        path.chmod(0o644)
+        path.unlink()
+        path.symlink_to(tmp / "nowhere")
+    return ["data", "check", str(path)], "does not exist"
+
+
+@case("train: a line that is not JSON", needs_tiny=True)
+def _(tmp):
+    path = write_jsonl(tmp / "d.jsonl", [chat("q", "a"), "{oops", chat("q2", "a2")])
+    return train_args(path), "line 2: not valid JSON"
+
+
+@case("train: wrong keys", needs_tiny=True)
+def _(tmp):
+    path = write_jsonl(tmp / "d.jsonl", [chat("q", "a"), {"question": "q", "answer": "a"}, chat("q2", "a2")])
+    return train_args(path), "line 2: expected keys"
+
+
+@case("train: no assistant turn", needs_tiny=True)
+def _(tmp):
+    path = write_jsonl(tmp / "d.jsonl", [chat("q", "a"), {"messages": [{"role": "user", "content": "q"}]}])
+    return train_args(path), "line 2: messages: no assistant turn"
+
+
+@case("train: roles out of order", needs_tiny=True)
+def _(tmp):
+    rows = [chat("q", "a"), {"messages": [{"role": "user", "content": "q"}, {"role": "user", "content": "again"}, {"role": "assistant", "content": "a"}]}]
+    return train_args(write_jsonl(tmp / "d.jsonl", rows)), "roles must alternate"
+
+
+@case("train: empty after filtering", needs_tiny=True)
+def _(tmp):
+    path = write_jsonl(tmp / "d.jsonl", [chat("q", "a")] * 4)
+    return train_args(path, "a", "--val", "1"), "No training examples"
+
+
+@case("train: every example too long", needs_tiny=True)
+def _(tmp):
+    path = write_jsonl(tmp / "d.jsonl", [chat("word " * 100 + str(i), "a") for i in range(4)])
+    return train_args(path, "a", "--seq-len", "32", "--val", "0"), "longer than seq_len=32"
+
+
+@case("train: data of the wrong format for the recipe", needs_tiny=True)
+def _(tmp):
+    path = write_jsonl(tmp / "d.jsonl", [{"text": "plain text"}] * 3)
+    return train_args(path, "a", "--recipe", "sft-qlora"), "is text data"
+
+
+@case("train: unknown model")
+def _(tmp):
+    return ["train", "--model", "nomodel", "--data", str(DEMO / "facts.jsonl"), "--name", "a"], "Unknown model 'nomodel'"
+
+
+@case("train: adapter name exists", needs_tiny=True)
+def _(tmp):
+    from appliance.registry import AdapterManifest, Registry
+
+    reg = Registry()
+    folder = reg.adapter_dir("taken")
+    folder.mkdir(parents=True)
+    reg.write_manifest(folder, AdapterManifest(name="taken", base="tiny", base_fingerprint="x", task="sft", recipe="sft-qlora", rank=8, alpha=16, target_modules=[]))
+    return train_args(DEMO / "facts.jsonl", "taken"), "already exists"
+
+
+@case("train: resume without a checkpoint", needs_tiny=True)
+def _(tmp):
+    return train_args(DEMO / "facts.jsonl", "fresh", "--resume"), "no checkpoint"
+
+
+@case("train: bad adapter name")
+def _(tmp):
+    return train_args(DEMO / "facts.jsonl", "../evil"), "not allowed"
+
+
+@case("config: unknown field")
+def _(tmp):
+    return train_args(DEMO / "facts.jsonl", "a", "--set", "train.learning_rate=1"), "train.learning_rate: unknown field"
+
+
+@case("config: value out of range")
+def _(tmp):
+    return train_args(DEMO / "facts.jsonl", "a", "--rank", "0"), "lora.rank"
+
+
+@case("config: unknown recipe")
+def _(tmp):
+    return train_args(DEMO / "facts.jsonl", "a", "--recipe", "magic"), "Unknown recipe 'magic'"
+
+
+@case("config: missing config file")
+def _(tmp):
+    return train_args(DEMO / "facts.jsonl", "a", "--config", str(tmp / "nope.yaml")), "does not exist"
+
+
+# -- models ---------------------------------------------------------------------
+
+
+@case("models: unknown source")
+def _(tmp):
+    return ["models", "import", "not-a-thing"], "neither the embedded model"
+
+
+@case("models: HF id not in the cache")
+def _(tmp):
+    return ["models", "import", "acme/absent-model"], "huggingface-cli download"
+
+
+@case("models: a file that is not GGUF")
+def _(tmp):
+    path = tmp / "weights.safetensors"
+    path.write_bytes(b"\0" * 32)
+    return ["models", "import", str(path)], "not a GGUF model"
+
+
+@case("models: a broken GGUF")
+def _(tmp):
+    path = tmp / "broken.gguf"
+    path.write_bytes(b"GGUF\x03\x00\x00\x00")
+    return ["models", "import", str(path)], "truncated header"
+
+
+@case("models: show an unknown model")
+def _(tmp):
+    return ["models", "show", "ghost"], "Unknown model 'ghost'"
+
+
+@case("models: bad name")
+def _(tmp):
+    return ["models", "import", "smollm2", "--name", "a/b"], "not allowed"
+
+
+@pytest.mark.parametrize("build, needs_tiny", CASES)
+def test_bad_input(build, needs_tiny, tmp_path, request):
+    if needs_tiny:
+        request.getfixturevalue("tiny")
+    args, expected = build(tmp_path)
+    result = CliRunner().invoke(main, args, catch_exceptions=False)
+    # The panel wraps lines; compare the words.
+    output = " ".join(re.sub("[│╭╮╰╯─]", " ", result.output).split())
+    assert result.exit_code not in (0, None), output
+    assert expected in output, output
+    assert "Traceback" not in output
+    assert "Fix:" in output or "problem(s) found" in output
+
+
+def test_count(capsys):
+    with capsys.disabled():
+        print(f"\nbad inputs tried: {len(CASES)}")
+    assert len(CASES) >= 20
