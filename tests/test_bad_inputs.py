@@ -4,6 +4,7 @@ Table-driven over the real CLI (click's runner, in-process, on the real steps).
 Each case builds its own files; the count is printed at the end.
 """
 
+import json
 import os
 import re
 
@@ -177,6 +178,118 @@ def _(tmp):
     return ["models", "import", "smollm2", "--name", "a/b"], "not allowed"
 
 
+# -- merge and serve -------------------------------------------------------------------
+
+
+def _adapter(name="a", rank=16):
+    from appliance.config import load_run_config
+    from appliance.registry import Registry
+    from appliance.train.loop import run_training
+
+    cfg = load_run_config(
+        "sft-qlora",
+        flags={"model": {"name": "tiny"}, "data": {"files": [{"path": str(DEMO / "facts.jsonl")}]}, "train": {"steps": 1}, "lora": {"rank": rank}},
+    )
+    run_training(cfg, Registry(), name)
+
+
+def _other_base():
+    """The tiny model again under another name, with other weights: another fingerprint."""
+    from appliance.registry import Registry
+
+    reg = Registry()
+    src = reg.model_dir("tiny")
+    dst = src.parent / "src-other"
+    import shutil
+
+    shutil.copytree(src, dst)
+    config = json.loads((dst / "config.json").read_text())
+    config["rms_norm_eps"] = 1e-4
+    (dst / "config.json").write_text(json.dumps(config))
+    (dst / "manifest.json").unlink()
+    from appliance.models import import_model
+
+    import_model(str(dst), reg, name="other")
+    shutil.rmtree(dst)
+
+
+@case("merge: unknown adapter")
+def _(tmp):
+    return ["merge", "ghost"], "Unknown adapter 'ghost'"
+
+
+@case("merge: adapter whose base is missing", needs_tiny=True)
+def _(tmp):
+    import shutil
+
+    from appliance.registry import Registry
+
+    _adapter()
+    shutil.rmtree(Registry().model_dir("tiny"))
+    return ["merge", "a"], "is not in the store"
+
+
+@case("serve: port already in use", needs_tiny=True)
+def _(tmp):
+    import socket
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen()
+    _open_sockets.append(sock)
+    return ["serve", "tiny", "--port", str(sock.getsockname()[1])], f"pid {os.getpid()}"
+
+
+@case("serve: vLLM not installed", needs_tiny=True)
+def _(tmp):
+    bare = tmp / "bare-python"
+    bare.write_text("#!/bin/sh\nexec python3 -I -S \"$@\"\n")  # an interpreter without site-packages
+    bare.chmod(0o755)
+    return ["serve", "tiny", "--python", str(bare)], "vLLM is not installed"
+
+
+@case("serve: adapter rank above the server's limit", needs_tiny=True)
+def _(tmp):
+    _adapter("big", rank=32)
+    return ["serve", "tiny", "--adapter", "big", "--max-lora-rank", "16"], "above the server's limit of 16"
+
+
+@case("serve: adapter trained on another base", needs_tiny=True)
+def _(tmp):
+    _adapter()
+    _other_base()
+    return ["serve", "other", "--adapter", "a"], "was trained on 'tiny'"
+
+
+@case("serve: unknown adapter", needs_tiny=True)
+def _(tmp):
+    return ["serve", "tiny", "--adapter", "ghost"], "Unknown adapter 'ghost'"
+
+
+@case("serve: binding beyond loopback without the flag", needs_tiny=True)
+def _(tmp):
+    return ["serve", "tiny", "--host", "0.0.0.0"], "--allow-remote"
+
+
+@case("serve: a max-lora-rank vLLM does not accept", needs_tiny=True)
+def _(tmp):
+    _adapter()
+    return ["serve", "tiny", "--adapter", "a", "--max-lora-rank", "20"], "not one vLLM accepts"
+
+
+@case("ask: no server running")
+def _(tmp):
+    return ["ask", "hello", "--url", "http://127.0.0.1:9"], "No server answers at http://127.0.0.1:9"
+
+
+@case("chat: no server running")
+def _(tmp):
+    return ["chat", "--url", "http://127.0.0.1:9"], "No server answers"
+
+
+_open_sockets = []
+
+
 @pytest.mark.parametrize("build, needs_tiny", CASES)
 def test_bad_input(build, needs_tiny, tmp_path, request):
     if needs_tiny:
@@ -189,6 +302,9 @@ def test_bad_input(build, needs_tiny, tmp_path, request):
     assert expected in output, output
     assert "Traceback" not in output
     assert "Fix:" in output or "problem(s) found" in output
+    for sock in _open_sockets:
+        sock.close()
+    _open_sockets.clear()
 
 
 def test_count(capsys):

@@ -50,10 +50,13 @@ def main() -> None:
 
 
 def _register() -> None:
-    from appliance.cli import data, models, train
+    from appliance.cli import client, data, merge, models, quickstart, serve, train
 
-    for group in (models.models, data.data, train.train):
+    for group in (models.models, data.data):
         main.add_command(group)
+    for module in (quickstart, train, merge, serve, client):
+        for command in module.commands:
+            main.add_command(command)
 
 
 _register()

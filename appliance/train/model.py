@@ -20,19 +20,23 @@ from appliance.hardware import Hardware
 
 
 def quiet_libraries() -> None:
-    """Library chatter that reads like an error to a user but is not one."""
+    """Library chatter that reads like an error to a user but is not one.
+
+    Logger levels are set before the libraries are imported: bitsandbytes warns at
+    import time that an optional CPU kernel package (`kernels`, fetched from a hub) is absent.
+    """
     import os
 
-    import transformers
-
     os.environ.setdefault("TQDM_DISABLE", "1")
-    transformers.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-    logging.getLogger("peft").setLevel(logging.ERROR)
+    for name in ("bitsandbytes", "peft", "transformers", "accelerate"):
+        logging.getLogger(name).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", message=".*kernels.*")
     warnings.filterwarnings("ignore", category=UserWarning, module="peft")
     warnings.filterwarnings("ignore", category=UserWarning, module="torch.utils.checkpoint")
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
 
 
 def resolve_device(requested: str, hw: Hardware) -> str:

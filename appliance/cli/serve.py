@@ -1,0 +1,149 @@
+"""`appliance serve`: vLLM in the foreground."""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import sys
+
+import click
+
+from appliance.cli.common import registry
+
+
+def serve_options(fn):
+    """Options shared by `serve` and `service install` (one ServeSpec builds both)."""
+    for option in reversed(
+        [
+            click.option("--adapter", "adapters", multiple=True, help="serve this adapter under its own name (repeat)"),
+            click.option("--host", default="127.0.0.1", show_default=True, help="address to bind"),
+            click.option("--port", default=8000, show_default=True, type=click.IntRange(1, 65535)),
+            click.option("--allow-remote", is_flag=True, help="allow binding to an address other than loopback"),
+            click.option("--python", "python", default=None, help="interpreter that has vLLM (default: this one)"),
+            click.option("--max-model-len", type=int, help="context served (default: the model's, capped at 1024 on CPU, 8192 on GPU)"),
+            click.option("--max-lora-rank", type=int, help="largest adapter rank the server accepts (default: from the adapters, ≥ 16)"),
+            click.option("--max-loras", type=int, help="adapters active in one batch (default: the number given)"),
+            click.option("--runtime-adapters", is_flag=True, help="enable LoRA even without --adapter, for `appliance adapters load` later"),
+        ]
+    ):
+        fn = option(fn)
+    return fn
+
+
+def spec_from_options(model, adapters, host, port, allow_remote, python, max_model_len, max_lora_rank, max_loras, runtime_adapters):
+    from appliance import ui
+    from appliance.errors import ApplianceError
+    from appliance.serve.command import LOCAL_HOSTS, build_spec
+
+    if host not in LOCAL_HOSTS:
+        if not allow_remote:
+            raise ApplianceError(
+                f"Binding to {host} exposes the server beyond this machine.",
+                "keep the default 127.0.0.1, or pass --allow-remote (and use an API key)",
+            )
+        ui.warn(f"binding to {host}: anyone who can reach this machine can reach the server")
+    return build_spec(
+        registry(),
+        model,
+        adapters,
+        host=host,
+        port=port,
+        python=python or sys.executable,
+        max_model_len=max_model_len,
+        max_lora_rank=max_lora_rank,
+        max_loras=max_loras,
+        runtime_adapters=runtime_adapters,
+    )
+
+
+def endpoint_help(spec, api_key_env: str | None = None) -> str:
+    names = spec.served_names
+    key = f'\n  -H "Authorization: Bearer ${api_key_env}" \\' if api_key_env else ""
+    curl = (
+        f"curl {spec.url}/v1/chat/completions \\{key}\n"
+        f"  -H 'Content-Type: application/json' \\\n"
+        f"  -d '{{\"model\": \"{names[-1]}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hello!\"}}]}}'"
+    )
+    key_expr = f"os.environ[{api_key_env!r}]" if api_key_env else '"none"'
+    sdk = (
+        "from openai import OpenAI\n"
+        f"client = OpenAI(base_url=\"{spec.url}/v1\", api_key={key_expr})\n"
+        f"reply = client.chat.completions.create(model=\"{names[-1]}\", messages=[{{\"role\": \"user\", \"content\": \"Hello!\"}}])\n"
+        "print(reply.choices[0].message.content)"
+    )
+    return f"[bold]curl[/]\n{curl}\n\n[bold]openai SDK[/]\n{sdk}"
+
+
+@contextlib.contextmanager
+def stop_on_sigterm():
+    """SIGTERM (a supervisor, `kill`) stops the server as cleanly as Ctrl-C does."""
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@click.command()
+@click.argument("model")
+@serve_options
+@click.option("--api-key", envvar="APPLIANCE_API_KEY", help="require this key on /v1 (default: $APPLIANCE_API_KEY, else none)")
+def serve(model, api_key, **options) -> None:
+    """Serve MODEL (merged, or a base with --adapter) with vLLM on an OpenAI-compatible endpoint.
+
+    Runs in the foreground until Ctrl-C. Adapters are served under their own names next to the base.
+
+    \b
+    Examples:
+      appliance serve smollm2-facts
+      appliance serve smollm2 --adapter facts --adapter recipes --port 8001
+    """
+    from rich.panel import Panel
+
+    from appliance import ui
+    from appliance.serve.command import shell_line, vllm_command, vllm_env
+    from appliance.serve.process import VllmProcess, check_port, require_vllm
+
+    spec = spec_from_options(model, **options)
+    require_vllm(spec.python)
+    check_port(spec.host, spec.port)
+    cmd, env = vllm_command(spec), vllm_env(spec)
+    if api_key:
+        env["VLLM_API_KEY"] = api_key
+    log = registry().store.root / "logs" / f"serve-{spec.port}.log"
+    ui.console.print(f"[dim]{shell_line(cmd)}[/]", highlight=False)
+    server = VllmProcess(cmd, env, log)
+    with server:
+        with ui.Spinner(f"starting vLLM ({'GPU' if spec.on_gpu else 'CPU'}) for {', '.join(spec.served_names)}") as spinner:
+            seconds = server.wait_healthy(spec.url, tick=lambda s: spinner.update(f"starting vLLM … {s:.0f} s (log: {log})"))
+        ui.console.print(
+            Panel(
+                f"[green]ready[/] in {seconds:.0f} s at [bold]{spec.url}/v1[/]\n"
+                f"served models: {', '.join(spec.served_names)}\npid {server.pid} · log {log}",
+                title="appliance serve",
+                border_style="green",
+                expand=False,
+            )
+        )
+        ui.console.print(endpoint_help(spec, "APPLIANCE_API_KEY" if api_key else None), soft_wrap=True, highlight=False)
+        ui.console.print("[dim]Ctrl-C stops the server.[/]")
+        try:
+            with stop_on_sigterm():
+                code = server.wait()
+        except KeyboardInterrupt:
+            ui.console.print("stopping vLLM …")
+            server.stop()
+            ui.console.print("[green]stopped[/]")
+            return
+    if code:
+        from appliance.serve.process import log_tail
+
+        ui.fail(f"vLLM exited with code {code}.", f"see {log}", log_tail(log))
+        sys.exit(1)
+
+
+commands = [serve]

@@ -1,0 +1,160 @@
+"""The vLLM command line for a served model and its adapters — one function for
+`appliance serve` (foreground) and the systemd unit's ExecStart.
+
+vLLM runs in its own process, started as `python -m vllm.entrypoints.openai.api_server`
+(the `vllm` console script of the CPU build fails on its package metadata).
+The interpreter is configurable, so vLLM may live in its own environment.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from appliance.errors import ApplianceError
+from appliance.hardware import gpu_present
+from appliance.registry import AdapterManifest, ModelManifest, Registry
+
+# vLLM accepts only these values for --max-lora-rank.
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+# Modules vLLM's LoRA applies to in LLaMA-family models.
+VLLM_LORA_MODULES = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "embed_tokens", "lm_head"}
+CPU_MAX_MODEL_LEN = 1024
+GPU_MAX_MODEL_LEN = 8192
+LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+@dataclass
+class ServeSpec:
+    model: ModelManifest
+    model_dir: Path
+    adapters: list[tuple[AdapterManifest, Path]] = field(default_factory=list)
+    host: str = "127.0.0.1"
+    port: int = 8000
+    python: str = sys.executable
+    device: str = "auto"  # auto | cuda | cpu
+    max_model_len: int | None = None
+    max_lora_rank: int | None = None  # None: sized from the adapters
+    max_loras: int | None = None
+    runtime_adapters: bool = False  # LoRA on even without adapters, for `appliance adapters load` later
+    extra_args: list[str] = field(default_factory=list)
+
+    @property
+    def on_gpu(self) -> bool:
+        return self.device == "cuda" or (self.device == "auto" and gpu_present())
+
+    @property
+    def lora_enabled(self) -> bool:
+        return bool(self.adapters) or self.runtime_adapters
+
+    @property
+    def url(self) -> str:
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "::") else self.host
+        return f"http://{host}:{self.port}"
+
+    @property
+    def served_names(self) -> list[str]:
+        return [self.model.name] + [a.name for a, _ in self.adapters]
+
+
+def lora_rank_limit(ranks: list[int], at_least: int = 16) -> int:
+    """The smallest rank vLLM accepts that holds every adapter (and `at_least`, for adapters loaded later)."""
+    need = max([at_least, *ranks])
+    for allowed in VLLM_LORA_RANKS:
+        if allowed >= need:
+            return allowed
+    raise ApplianceError(f"An adapter of rank {need} is above vLLM's largest LoRA rank ({VLLM_LORA_RANKS[-1]}).", "train with a lower --rank")
+
+
+def check_servable(adapter: AdapterManifest, model: ModelManifest, max_rank: int | None = None) -> None:
+    """Refuse, before vLLM sees it, an adapter that vLLM would refuse or that belongs to another base."""
+    if adapter.base_fingerprint != model.fingerprint:
+        raise ApplianceError(
+            f"Adapter {adapter.name!r} was trained on {adapter.base!r} (fingerprint {adapter.base_fingerprint}), "
+            f"not on {model.name!r} (fingerprint {model.fingerprint}).",
+            f"serve it with its own base: appliance serve {adapter.base} --adapter {adapter.name}",
+        )
+    if adapter.task not in ("sft", "cpt", "dpo"):
+        raise ApplianceError(f"Adapter {adapter.name!r} is a {adapter.task} adapter; vLLM serves text-generation adapters.", None)
+    unknown = set(adapter.target_modules) - VLLM_LORA_MODULES
+    if unknown:
+        raise ApplianceError(
+            f"Adapter {adapter.name!r} adapts modules vLLM cannot serve with LoRA: {', '.join(sorted(unknown))}.",
+            "merge it instead (appliance merge), or train with lora.target_modules limited to the projections",
+        )
+    if max_rank is not None and adapter.rank > max_rank:
+        raise ApplianceError(
+            f"Adapter {adapter.name!r} has rank {adapter.rank}, above the server's limit of {max_rank}.",
+            f"restart the server with --max-lora-rank {lora_rank_limit([adapter.rank])} (or reinstall the service with it)",
+        )
+
+
+def build_spec(
+    registry: Registry,
+    model_name: str,
+    adapter_names: list[str] | tuple[str, ...] = (),
+    **options,
+) -> ServeSpec:
+    model = registry.model(model_name)
+    if model.task != "causal-lm":
+        raise ApplianceError(f"{model_name!r} is a classifier; vLLM serves it only for pooling.", "serve a language model")
+    adapters = []
+    for name in adapter_names:
+        adapter = registry.adapter(name)
+        check_servable(adapter, model)
+        adapters.append((adapter, registry.adapter_dir(name)))
+    spec = ServeSpec(model=model, model_dir=registry.model_dir(model_name), adapters=adapters, **options)
+    if spec.lora_enabled:
+        limit = lora_rank_limit([a.rank for a, _ in adapters]) if spec.max_lora_rank is None else spec.max_lora_rank
+        if limit not in VLLM_LORA_RANKS:
+            raise ApplianceError(f"--max-lora-rank {limit} is not one vLLM accepts.", f"use one of {', '.join(map(str, VLLM_LORA_RANKS))}")
+        for adapter, _ in adapters:
+            check_servable(adapter, model, limit)
+        spec.max_lora_rank = limit
+        spec.max_loras = spec.max_loras or max(1, len(adapters))
+    return spec
+
+
+def vllm_command(spec: ServeSpec) -> list[str]:
+    """The exact command that serves `spec` — used by `appliance serve` and by the systemd unit."""
+    context = spec.model.context_length or 2048
+    limit = spec.max_model_len or min(context, GPU_MAX_MODEL_LEN if spec.on_gpu else CPU_MAX_MODEL_LEN)
+    cmd = [
+        spec.python, "-m", "vllm.entrypoints.openai.api_server",
+        "--model", str(spec.model_dir),
+        "--served-model-name", spec.model.name,
+        "--host", spec.host,
+        "--port", str(spec.port),
+        "--max-model-len", str(limit),
+        "--generation-config", "auto",
+    ]
+    if spec.on_gpu:
+        cmd += ["--dtype", "auto"]
+    else:
+        # float32 is correct on every CPU; bf16 gave wrong greedy text on AVX2-only CPUs. Eager mode
+        # skips a compile warm-up of minutes.
+        cmd += ["--dtype", "float32", "--enforce-eager"]
+    if spec.lora_enabled:
+        cmd += ["--enable-lora", "--max-lora-rank", str(spec.max_lora_rank), "--max-loras", str(spec.max_loras)]
+        for adapter, path in spec.adapters:
+            cmd += ["--lora-modules", f"{adapter.name}={path}"]
+    return cmd + list(spec.extra_args)
+
+
+def vllm_env(spec: ServeSpec) -> dict[str, str]:
+    """Environment the server needs beside the inherited one (the API key comes separately)."""
+    env = {"VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1", "HF_HUB_OFFLINE": "1"}
+    if not spec.on_gpu:
+        env["VLLM_CPU_KVCACHE_SPACE"] = os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")
+    if spec.lora_enabled:
+        # Enables /v1/load_lora_adapter and /v1/unload_lora_adapter: domains switch without a restart.
+        # vLLM calls this risky on an exposed server, so we bind to 127.0.0.1 and require the API key.
+        env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
+    return env
+
+
+def shell_line(cmd: list[str]) -> str:
+    return " ".join(shlex.quote(c) for c in cmd)

