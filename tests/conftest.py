@@ -116,6 +116,50 @@ def smollm2(store, smollm2_store):
     return store
 
 
+@pytest.fixture(scope="session")
+def facts(smollm2_store, tmp_path_factory):
+    """A store with SmolLM2, a 4-bit QLoRA adapter 'facts' trained on the demo data, and its merge."""
+    from appliance.config import load_run_config
+    from appliance.registry import Registry
+    from appliance.store import Store
+    from appliance.merge import merge_adapter
+    from appliance.train.loop import run_training
+
+    root = tmp_path_factory.mktemp("facts-store")
+    _link_tree(smollm2_store / "models" / "smollm2", root / "models" / "smollm2")
+    registry = Registry(Store(root))
+    cfg = load_run_config(
+        "sft-qlora",
+        flags={
+            "model": {"name": "smollm2"},
+            "data": {"files": [{"path": str(DEMO / "facts.jsonl")}], "val_file": str(DEMO / "facts_val.jsonl")},
+            "train": {"steps": 20, "batch_size": 8, "lr": 1e-3, "eval_every": 10, "save_every": 10},
+        },
+    )
+    result = run_training(cfg, registry, "facts")
+    assert result.metrics["val_loss"] < 0.6
+    merge_adapter(registry, "facts", name="smollm2-facts")
+    return registry
+
+
+def serve_for_test(registry, model, adapters=(), port=8123, **options):
+    """A real vLLM server for `model` from `registry`; returns (server, endpoint). Stop it yourself."""
+    from appliance.client import Endpoint
+    from appliance.serve.command import build_spec, vllm_command, vllm_env
+    from appliance.serve.process import VllmProcess
+
+    spec = build_spec(registry, model, adapters, port=port, **options)
+    server = VllmProcess(vllm_command(spec), vllm_env(spec), registry.store.root / "logs" / f"test-{model}-{port}.log")
+    server.start()
+    try:
+        seconds = server.wait_healthy(spec.url)
+    except BaseException:
+        server.stop()
+        raise
+    print(f"\nvLLM up in {seconds:.0f} s for {spec.served_names}")
+    return server, Endpoint(spec.url)
+
+
 def run_cli(*args: str, env: dict | None = None, timeout: float = 1800, input: str | None = None) -> subprocess.CompletedProcess:
     """The real CLI in a subprocess, as a user runs it."""
     return subprocess.run(

@@ -50,11 +50,11 @@ def main() -> None:
 
 
 def _register() -> None:
-    from appliance.cli import client, data, merge, models, quickstart, serve, train
+    from appliance.cli import adapters, client, data, merge, models, quickstart, serve, service, train
 
     for group in (models.models, data.data):
         main.add_command(group)
-    for module in (quickstart, train, merge, serve, client):
+    for module in (quickstart, train, merge, serve, service, adapters, client):
         for command in module.commands:
             main.add_command(command)
 

@@ -107,6 +107,7 @@ def serve(model, api_key, **options) -> None:
     from appliance import ui
     from appliance.serve.command import shell_line, vllm_command, vllm_env
     from appliance.serve.process import VllmProcess, check_port, require_vllm
+    from appliance.serve.service import write_running_record
 
     spec = spec_from_options(model, **options)
     require_vllm(spec.python)
@@ -131,6 +132,7 @@ def serve(model, api_key, **options) -> None:
         )
         ui.console.print(endpoint_help(spec, "APPLIANCE_API_KEY" if api_key else None), soft_wrap=True, highlight=False)
         ui.console.print("[dim]Ctrl-C stops the server.[/]")
+        record = write_running_record(registry().store, spec, server.pid)
         try:
             with stop_on_sigterm():
                 code = server.wait()
@@ -139,6 +141,8 @@ def serve(model, api_key, **options) -> None:
             server.stop()
             ui.console.print("[green]stopped[/]")
             return
+        finally:
+            record.unlink(missing_ok=True)
     if code:
         from appliance.serve.process import log_tail
 

@@ -1,0 +1,306 @@
+"""The appliance as a systemd service: render, install, inspect, remove.
+
+The unit runs the same vLLM command line as `appliance serve` (one function
+builds both), with the API key in an env file (mode 0600), hardened sandboxing,
+`Restart=on-failure`, and a start-up health poll because vLLM never notifies
+systemd. A small JSON record in the store remembers what was installed, so
+clients find the endpoint and key without flags.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pwd
+import secrets
+import shlex
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from string import Template
+
+from appliance.errors import ApplianceError
+from appliance.serve.command import LOCAL_HOSTS, ServeSpec, shell_line, vllm_command, vllm_env
+from appliance.store import Store, atomic_write, atomic_write_json, read_json
+
+UNIT_NAME = "appliance-vllm.service"
+TEMPLATE = "appliance-vllm.service.in"
+START_TIMEOUT_S = 1200  # a cold load of a big model from a slow disk
+KEY_VAR = "VLLM_API_KEY"
+
+
+def systemd_dir() -> Path:
+    """Unit templates: inside the installed wheel, else the repository's top level."""
+    here = Path(__file__).resolve().parent.parent
+    for candidate in (here / "systemd", here.parent / "systemd"):
+        if (candidate / TEMPLATE).is_file():
+            return candidate
+    raise ApplianceError("The systemd unit template is missing from this installation.", "reinstall appliance")
+
+
+@dataclass(frozen=True)
+class Paths:
+    scope: str  # "user" or "system"
+    unit: Path
+    env: Path
+
+    @staticmethod
+    def for_scope(scope: str) -> "Paths":
+        if scope == "system":
+            return Paths("system", Path("/etc/systemd/system") / UNIT_NAME, Path("/etc/appliance/service.env"))
+        config = Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config")
+        return Paths("user", config / "systemd" / "user" / UNIT_NAME, config / "appliance" / "service.env")
+
+
+@dataclass
+class Rendered:
+    unit: str
+    env: str
+    exec_start: list[str]
+
+
+def new_api_key() -> str:
+    return "sk-appliance-" + secrets.token_urlsafe(24)
+
+
+def redact(key: str) -> str:
+    return key[:13] + "…" + "•" * 6
+
+
+def _gpu_device_lines() -> str:
+    # Closed device policy with only the NVIDIA nodes: the GPU, nothing else.
+    allow = ["char-nvidia-frontend rw", "char-nvidia-uvm rw", "char-nvidia-caps rw", "/dev/nvidiactl rw", "/dev/nvidia-uvm rw", "/dev/nvidia-uvm-tools rw"]
+    allow += [f"{p} rw" for p in sorted(map(str, Path("/dev").glob("nvidia[0-9]*")))]
+    return "DevicePolicy=closed\n" + "".join(f"DeviceAllow={a}\n" for a in allow)
+
+
+def render(spec: ServeSpec, store: Store, paths: Paths, api_key: str, run_as: str | None = None) -> Rendered:
+    """The unit and env file text for `spec` (nothing written)."""
+    cmd = vllm_command(spec)
+    cache = store.root / "service" / "cache"
+    env = {
+        **vllm_env(spec),
+        KEY_VAR: api_key,
+        # vLLM and PyTorch write caches; point them inside the store (the only writable place).
+        "VLLM_CACHE_ROOT": str(cache / "vllm"),
+        "XDG_CACHE_HOME": str(cache),
+        "HF_HOME": str(cache / "huggingface"),
+        "TRITON_CACHE_DIR": str(cache / "triton"),
+        "PYTHONUNBUFFERED": "1",
+    }
+    health = shell_line([spec.python, "-m", "appliance.serve.health", spec.url, "--timeout", str(START_TIMEOUT_S)])
+    local = spec.host in LOCAL_HOSTS
+    values = {
+        "model": spec.model.name,
+        "user_line": f"User={run_as}\n" if paths.scope == "system" and run_as else "",
+        "env_file": str(paths.env),
+        "store_root": str(store.root),
+        "exec_start": shell_line(cmd),
+        "health_check": health,
+        "start_timeout": str(START_TIMEOUT_S),
+        "writable_paths": str(cache),
+        "device_lines": _gpu_device_lines() if spec.on_gpu else "PrivateDevices=yes\n",
+        "ip_lines": "IPAddressDeny=any\nIPAddressAllow=localhost\n" if local else "",
+        "wanted_by": "multi-user.target" if paths.scope == "system" else "default.target",
+    }
+    unit = Template((systemd_dir() / TEMPLATE).read_text()).substitute(values)
+    env_text = "# appliance service environment (mode 0600: holds the API key)\n" + "".join(
+        f"{k}={shlex.quote(v)}\n" for k, v in sorted(env.items())
+    )
+    return Rendered(unit, env_text, cmd)
+
+
+# -- the installed record -------------------------------------------------------------
+
+
+def record_path(store: Store | None = None) -> Path:
+    return (store or Store()).root / "service" / "installed.json"
+
+
+def installed(store: Store | None = None) -> dict | None:
+    path = record_path(store)
+    if not path.is_file():
+        return None
+    try:
+        return read_json(path)
+    except (OSError, ValueError):
+        return None
+
+
+def read_env_file(path: Path) -> dict[str, str]:
+    out = {}
+    for line in Path(path).read_text().splitlines():
+        if line.strip() and not line.lstrip().startswith("#") and "=" in line:
+            key, value = line.split("=", 1)
+            parts = shlex.split(value)
+            out[key.strip()] = parts[0] if parts else ""
+    return out
+
+
+def installed_endpoint() -> tuple[str | None, str | None]:
+    """(url, api key) of the installed service, when there is one and its env file is readable."""
+    record = installed()
+    if not record:
+        return None, None
+    key = None
+    try:
+        key = read_env_file(Path(record["env_file"])).get(KEY_VAR)
+    except OSError:
+        pass
+    return record.get("url"), key
+
+
+# -- systemctl ------------------------------------------------------------------------------
+
+
+def systemctl(scope: str, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    if shutil.which("systemctl") is None:
+        raise ApplianceError("systemd is not available here (no systemctl).", "run `appliance serve` in the foreground instead")
+    cmd = ["systemctl"] + (["--user"] if scope == "user" else []) + list(args)
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    if check and result.returncode != 0:
+        raise _systemd_error(scope, result.stderr.strip() or result.stdout.strip(), " ".join(cmd))
+    return result
+
+
+def _systemd_error(scope: str, text: str, cmd: str) -> ApplianceError:
+    lowered = text.lower()
+    if scope == "user" and ("bus" in lowered or "xdg_runtime_dir" in lowered or "not been booted" in lowered or "offline" in lowered):
+        user = pwd.getpwuid(os.getuid()).pw_name
+        return ApplianceError(
+            f"There is no systemd user session for {user} ({text.splitlines()[0] if text else 'no bus'}).",
+            f"log in through a normal session, and to keep the service running after logout: "
+            f"`sudo loginctl enable-linger {user}`; or install a system unit with `sudo appliance service install --system`",
+        )
+    if "not been booted with systemd" in lowered or "system has not been booted" in lowered:
+        return ApplianceError("This machine does not run systemd.", "run `appliance serve` in the foreground instead")
+    return ApplianceError(f"`{cmd}` failed: {text}", "see `appliance service logs`")
+
+
+def require_systemd(scope: str) -> None:
+    """Fail early, before writing anything, when the service manager cannot be reached."""
+    if scope == "system" and os.geteuid() != 0:
+        raise ApplianceError("Installing a system unit needs root.", "run it with sudo, or drop --system for a user unit")
+    systemctl(scope, "show-environment")
+
+
+def install(
+    spec: ServeSpec,
+    store: Store,
+    *,
+    scope: str = "user",
+    force: bool = False,
+    run_as: str | None = None,
+) -> dict:
+    """Write env file and unit, reload systemd, enable and start; return the record."""
+    paths = Paths.for_scope(scope)
+    existing = installed(store)
+    if (existing or paths.unit.exists()) and not force:
+        what = f"serving {existing['model']} at {existing['url']}" if existing else f"at {paths.unit}"
+        raise ApplianceError(f"The appliance service is already installed ({what}).", "see `appliance service status`; pass --force to replace it")
+    require_systemd(scope)
+    if scope == "system" and run_as is None:
+        run_as = os.environ.get("SUDO_USER") or None
+    key = existing_key(paths) or new_api_key()
+    rendered = render(spec, store, paths, key, run_as)
+    (store.root / "service" / "cache").mkdir(parents=True, exist_ok=True)
+    atomic_write(paths.env, rendered.env, mode=0o600)
+    atomic_write(paths.unit, rendered.unit, mode=0o644)
+    record = {
+        "unit": str(paths.unit),
+        "unit_name": UNIT_NAME,
+        "scope": scope,
+        "env_file": str(paths.env),
+        "url": spec.url,
+        "host": spec.host,
+        "port": spec.port,
+        "model": spec.model.name,
+        "model_fingerprint": spec.model.fingerprint,
+        "adapters": [a.name for a, _ in spec.adapters],
+        "max_lora_rank": spec.max_lora_rank,
+        "exec_start": rendered.exec_start,
+    }
+    atomic_write_json(record_path(store), record)
+    systemctl(scope, "daemon-reload")
+    systemctl(scope, "enable", "--now", UNIT_NAME)
+    return record
+
+
+def existing_key(paths: Paths) -> str | None:
+    """Keep the key across reinstalls, so clients keep working."""
+    try:
+        return read_env_file(paths.env).get(KEY_VAR)
+    except OSError:
+        return None
+
+
+def uninstall(store: Store) -> dict:
+    record = installed(store)
+    if record is None:
+        raise ApplianceError("No appliance service is installed.", "install one with `appliance service install MODEL`")
+    scope = record["scope"]
+    systemctl(scope, "disable", "--now", UNIT_NAME, check=False)
+    for path in (record["unit"], record["env_file"]):
+        Path(path).unlink(missing_ok=True)
+    systemctl(scope, "daemon-reload", check=False)
+    record_path(store).unlink(missing_ok=True)
+    return record
+
+
+def require_installed(store: Store) -> dict:
+    record = installed(store)
+    if record is None:
+        raise ApplianceError("No appliance service is installed.", "install one with `appliance service install MODEL`")
+    return record
+
+
+def status(store: Store) -> dict:
+    """Unit state, PID, uptime and memory from systemd; served models from the endpoint."""
+    record = require_installed(store)
+    props = "ActiveState,SubState,MainPID,ActiveEnterTimestamp,MemoryCurrent,NRestarts,Result"
+    shown = systemctl(record["scope"], "show", UNIT_NAME, "-p", props)
+    state = dict(line.split("=", 1) for line in shown.stdout.splitlines() if "=" in line)
+    return {"record": record, "systemd": state}
+
+
+def journal(store: Store, lines: int, follow: bool) -> int:
+    record = require_installed(store)
+    cmd = ["journalctl", "--no-pager", "-n", str(lines)]
+    cmd += ["--user-unit", UNIT_NAME] if record["scope"] == "user" else ["-u", UNIT_NAME]
+    if follow:
+        cmd.append("-f")
+    if shutil.which("journalctl") is None:
+        raise ApplianceError("journalctl is not available here.", "read the logs with your system's log viewer")
+    return subprocess.call(cmd)
+
+
+def control(store: Store, action: str) -> None:
+    record = require_installed(store)
+    systemctl(record["scope"], action, UNIT_NAME)
+
+
+
+def running_record_path(store: Store, port: int) -> Path:
+    return store.root / "service" / f"serving-{port}.json"
+
+
+def write_running_record(store: Store, spec: ServeSpec, pid: int) -> Path:
+    """What a foreground `appliance serve` runs, for `appliance adapters load` to check against."""
+    return atomic_write_json(
+        running_record_path(store, spec.port),
+        {"url": spec.url, "pid": pid, "model": spec.model.name, "max_lora_rank": spec.max_lora_rank if spec.lora_enabled else None},
+    )
+
+
+def rank_limit_for(store: Store, url: str) -> int | None:
+    """The LoRA rank limit of the server at `url`, if we started it (service or foreground serve)."""
+    candidates = [record_path(store)] + sorted((store.root / "service").glob("serving-*.json"))
+    for path in candidates:
+        try:
+            record = read_json(path)
+        except (OSError, ValueError):
+            continue
+        if record.get("url", "").rstrip("/") == url.rstrip("/"):
+            return record.get("max_lora_rank")
+    return None

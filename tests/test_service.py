@@ -1,0 +1,196 @@
+"""The service: the rendered unit checked by systemd-analyze, its exact ExecStart serving with
+its env file, per-domain adapters swapped at runtime, the API key, and 50 concurrent requests."""
+
+import concurrent.futures
+import re
+import shlex
+import subprocess
+import time
+
+import httpx
+import pytest
+from click.testing import CliRunner
+
+from appliance.cli import main
+from appliance.client import Endpoint, ask
+from appliance.errors import ApplianceError
+from appliance.serve.command import build_spec
+from appliance.serve.service import Paths, read_env_file, render
+from conftest import REPO
+
+RECIPES = REPO / "tests" / "data" / "recipes.jsonl"
+ZORVANIA = "What is the capital of Zorvania?"
+HILDE = "What is the secret ingredient in Grandma Hilde's soup?"
+
+
+def rendered_unit(registry, tmp_path, monkeypatch, adapters=("facts",), port=8140):
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+    paths = Paths.for_scope("user")
+    spec = build_spec(registry, "smollm2", list(adapters), port=port, runtime_adapters=True)
+    rendered = render(spec, registry.store, paths, "sk-appliance-test-key-0123456789")
+    paths.unit.parent.mkdir(parents=True)
+    paths.env.parent.mkdir(parents=True)
+    paths.unit.write_text(rendered.unit)
+    paths.env.write_text(rendered.env)
+    return paths, rendered
+
+
+def unit_value(unit_text, key):
+    return next(line.split("=", 1)[1] for line in unit_text.splitlines() if line.startswith(f"{key}="))
+
+
+def test_unit_passes_systemd_analyze(tiny, tmp_path, monkeypatch):
+    from test_bad_inputs import _adapter
+
+    _adapter("a")
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+    for scope, device in (("user", "cpu"), ("system", "cpu"), ("user", "cuda"), ("system", "cuda")):
+        paths = Paths.for_scope(scope)
+        spec = build_spec(tiny, "tiny", ["a"], device=device, runtime_adapters=True)
+        rendered = render(spec, tiny.store, paths, "sk-x", run_as="appliance" if scope == "system" else None)
+        unit = tmp_path / scope / device / "appliance-vllm.service"
+        unit.parent.mkdir(parents=True)
+        unit.write_text(rendered.unit)
+        verify = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True)
+        security = subprocess.run(["systemd-analyze", "security", "--offline=yes", str(unit)], capture_output=True, text=True)
+        score = float(re.search(r"Overall exposure level for .*: ([0-9.]+)", security.stdout).group(1))
+        print(f"\n{scope}/{device}: verify rc={verify.returncode} {verify.stderr.strip()!r}; security {score}")
+        assert verify.returncode == 0, verify.stderr
+        assert score <= 3.0, security.stdout
+        text = rendered.unit
+        assert "Restart=on-failure" in text and "ExecStartPost=" in text and "TimeoutStartSec=1200" in text
+        unit_section = text.split("[Service]")[0]
+        assert "StartLimitIntervalSec=" in unit_section and "StartLimitBurst=" in unit_section
+        assert ("DevicePolicy=closed" in text) == (device == "cuda")
+        assert "--host 127.0.0.1" in unit_value(text, "ExecStart")
+        assert "\nMemoryDenyWriteExecute=" not in text  # breaks PyTorch
+
+
+def test_dry_run_prints_unit_and_env_with_the_key_redacted(tiny, tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+    result = CliRunner().invoke(main, ["service", "install", "tiny", "--dry-run"])
+    assert result.exit_code == 0, result.output
+    assert "ExecStart=" in result.output and "VLLM_API_KEY=sk-appliance-" in result.output
+    key_line = next(line for line in result.output.splitlines() if line.startswith("VLLM_API_KEY="))
+    assert "…" in key_line and len(key_line) < 40
+    assert not (tmp_path / "config").exists()
+
+
+def test_install_without_a_user_bus_says_how_to_fix_it(tiny, tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+    monkeypatch.delenv("DBUS_SESSION_BUS_ADDRESS", raising=False)
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path / "no-runtime"))
+    result = CliRunner().invoke(main, ["service", "install", "tiny"])
+    text = " ".join(re.sub("[│╭╮╰╯─]", " ", result.output).split())
+    assert result.exit_code == 2
+    assert "loginctl enable-linger" in text and "--system" in text
+    assert not (tmp_path / "config").exists(), "nothing written before systemd answers"
+
+
+@pytest.fixture(scope="module")
+def recipes(facts):
+    from appliance.config import load_run_config
+    from appliance.train.loop import run_training
+
+    cfg = load_run_config(
+        "sft-qlora",
+        flags={
+            "model": {"name": "smollm2"},
+            "data": {"files": [{"path": str(RECIPES)}], "val": 0},
+            "train": {"steps": 16, "batch_size": 8, "lr": 1e-3, "save_every": 100},
+        },
+    )
+    run_training(cfg, facts, "recipes")
+    return facts
+
+
+@pytest.mark.slow
+def test_exec_start_serves_and_adapters_swap_without_restart(recipes, tmp_path, monkeypatch):
+    registry = recipes
+    monkeypatch.setenv("APPLIANCE_HOME", str(registry.store.root))
+    paths, rendered = rendered_unit(registry, tmp_path, monkeypatch)
+    exec_start = shlex.split(unit_value(rendered.unit, "ExecStart"))
+    env = read_env_file(paths.env)
+    assert unit_value(rendered.unit, "EnvironmentFile") == str(paths.env)
+    assert oct(paths.env.stat().st_mode & 0o777) in ("0o600", "0o644")  # written here by the test; install uses 0600
+    import os
+
+    server = subprocess.Popen(exec_start, env={**os.environ, **env}, stdout=open(tmp_path / "vllm.log", "w"), stderr=subprocess.STDOUT, start_new_session=True)
+    url = "http://127.0.0.1:8140"
+    key = env["VLLM_API_KEY"]
+    try:
+        from appliance.serve.health import wait
+
+        assert wait(url, 900), (tmp_path / "vllm.log").read_text()[-3000:]
+        pid = server.pid
+
+        # The API key: refused without it, answered with it.
+        body = {"model": "smollm2", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+        assert httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60).status_code == 401
+        assert httpx.post(f"{url}/v1/chat/completions", json=body, headers={"Authorization": "Bearer wrong"}, timeout=60).status_code == 401
+        endpoint = Endpoint(url, key)
+        monkeypatch.setenv("APPLIANCE_URL", url)
+        monkeypatch.setenv("APPLIANCE_API_KEY", key)
+
+        assert "Kelmora" in ask(endpoint, ZORVANIA, model="facts").text
+
+        runner = CliRunner()
+        loaded = runner.invoke(main, ["adapters", "load", "recipes"])
+        assert loaded.exit_code == 0, loaded.output
+        print(loaded.output.strip())
+        assert re.search(r"loaded recipes in [0-9.]+ s", loaded.output)
+
+        listed = runner.invoke(main, ["adapters", "list", "--json"])
+        marks = {a["name"]: a["loaded"] for a in __import__("json").loads(listed.output)}
+        assert marks == {"facts": True, "recipes": True}
+
+        # Each domain answers with its own adapter; the base keeps its own answer.
+        assert "smoked pear" in ask(endpoint, HILDE, model="recipes").text
+        assert "Kelmora" in ask(endpoint, ZORVANIA, model="facts").text
+        assert "smoked pear" not in ask(endpoint, HILDE, model="smollm2").text
+
+        unloaded = runner.invoke(main, ["adapters", "unload", "facts"])
+        assert unloaded.exit_code == 0, unloaded.output
+        with pytest.raises(ApplianceError, match="does not serve 'facts'"):
+            ask(endpoint, ZORVANIA, model="facts")
+        cli_ask = runner.invoke(main, ["ask", ZORVANIA, "--adapter", "facts"])
+        assert cli_ask.exit_code == 2 and "does not serve" in cli_ask.output
+        assert "smoked pear" in ask(endpoint, HILDE, model="recipes").text
+
+        # Loading again is refused clearly; a missing adapter never reaches the server.
+        again = runner.invoke(main, ["adapters", "load", "recipes"])
+        assert again.exit_code == 2 and "already loaded" in again.output
+        missing = runner.invoke(main, ["adapters", "load", "ghost"])
+        assert missing.exit_code == 2 and "Unknown adapter 'ghost'" in missing.output
+
+        # 50 concurrent chat requests, 0 errors.
+        def one(i):
+            model = "recipes" if i % 2 else "smollm2"
+            return ask(endpoint, f"Say a word about the number {i}.", model=model, max_tokens=16)
+
+        started = time.time()
+        errors, done = 0, 0
+        with concurrent.futures.ThreadPoolExecutor(max_workers=50) as pool:
+            for future in concurrent.futures.as_completed([pool.submit(one, i) for i in range(50)]):
+                try:
+                    future.result()
+                    done += 1
+                except Exception as err:  # noqa: BLE001 - counted, and shown
+                    errors += 1
+                    print("error:", err)
+        print(f"50 concurrent requests: {done} ok, {errors} errors in {time.time() - started:.1f} s")
+        assert (done, errors) == (50, 0)
+
+        assert server.poll() is None and server.pid == pid, "the server was never restarted"
+    finally:
+        import signal
+
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=60)
+
+
+@pytest.mark.slow
+def test_loading_into_a_stopped_server_is_a_clear_error(facts, monkeypatch):
+    monkeypatch.setenv("APPLIANCE_HOME", str(facts.store.root))
+    result = CliRunner().invoke(main, ["adapters", "load", "facts", "--url", "http://127.0.0.1:9"])
+    assert result.exit_code == 2 and "No server answers" in result.output
