@@ -52,7 +52,8 @@ class LoraSpec(Spec):
         "all-linear", description="'all-linear' or module names such as [q_proj, v_proj]"
     )
     layers: str | None = Field(
-        None, description="train adapters only on these layers: 'top:8', 'bottom:4', '0-11', '3,5,7'"
+        None,
+        description="adapters only on these layers: 'top:8', 'bottom:4', '0-11', '3,5,7', or 're:PATTERN' over module names",
     )
 
 
@@ -61,8 +62,24 @@ class DataSource(Spec):
     weight: float | None = Field(None, ge=0, description="mixing weight (strategy 'proportional' uses sizes when unset)")
 
 
+class MixSpec(Spec):
+    strategy: Literal["concat", "equal", "proportional", "temperature"] = Field(
+        "concat",
+        description="concat: every example once per epoch; equal: each file alike; proportional: by size × weight; "
+        "temperature: probability ∝ size^(1/T)",
+    )
+    temperature: float = Field(2.0, gt=0, description="T for the temperature strategy (1 = proportional, ∞ = equal)")
+
+
+class ReplaySpec(Spec):
+    path: Path = Field(description="general data mixed back in against forgetting")
+    fraction: float = Field(gt=0, lt=1, description="share of each micro-batch drawn from the replay file")
+
+
 class DataSpec(Spec):
     files: list[DataSource] = Field(default_factory=list, description="training data files (JSONL, or .txt for cpt)")
+    mix: MixSpec = Field(default_factory=MixSpec, description="how several files are sampled")
+    replay: ReplaySpec | None = Field(None, description="general data replayed against forgetting")
     val: float = Field(0.1, ge=0, description="validation split: a fraction (< 1) or a count of examples")
     test: float = Field(0.0, ge=0, description="test split held out from training and early stopping; fraction or count")
     val_file: Path | None = Field(None, description="a separate validation file (replaces the split)")
@@ -92,12 +109,36 @@ class TrainSpec(Spec):
     keep_checkpoints: int = Field(2, ge=1, description="newest checkpoints kept (plus the best one)")
     early_stopping_patience: int = Field(0, ge=0, description="stop after N evaluations without improvement (0: off)")
     device: Literal["auto", "cuda", "cpu"] = Field("auto", description="where to train")
+    unfreeze: "UnfreezeSpec | None" = Field(None, description="gradual unfreezing (ULMFiT): top layers first")
 
     @model_validator(mode="after")
     def _length(self) -> "TrainSpec":
         if self.steps is None and self.epochs is None:
             self.epochs = 1.0
         return self
+
+
+class UnfreezeSpec(Spec):
+    groups: int = Field(4, ge=2, description="layer groups, unfrozen one at a time from the top")
+    every: int | Literal["epoch"] = Field("epoch", description="unfreeze the next group every N steps, or each epoch")
+    lr_decay: float = Field(1.0, gt=0, le=1, description="learning-rate factor per group below the top (ULMFiT: 1/2.6)")
+
+    @model_validator(mode="after")
+    def _every(self) -> "UnfreezeSpec":
+        if isinstance(self.every, int) and self.every < 1:
+            raise ValueError("every must be a positive step count or 'epoch'")
+        return self
+
+
+class DpoSpec(Spec):
+    beta: float = Field(0.1, gt=0, description="strength of the pull away from the reference model")
+
+
+class ClassifySpec(Spec):
+    metric: Literal["val_loss", "val_accuracy", "val_macro_f1"] = Field("val_loss", description="what early stopping watches")
+
+
+TrainSpec.model_rebuild()
 
 
 class RunConfig(Spec):
@@ -107,6 +148,20 @@ class RunConfig(Spec):
     lora: LoraSpec = Field(default_factory=LoraSpec)
     data: DataSpec = Field(default_factory=DataSpec)
     train: TrainSpec = Field(default_factory=TrainSpec)
+    dpo: DpoSpec | None = Field(None, description="settings of the dpo recipe")
+    classify: ClassifySpec | None = Field(None, description="settings of the classify recipe")
+
+    @model_validator(mode="after")
+    def _task_sections(self) -> "RunConfig":
+        """A section belongs to its recipe: `dpo.beta` in an sft run is a mistake, not a no-op."""
+        for section in ("dpo", "classify"):
+            if getattr(self, section) is not None and self.task != section:
+                raise ValueError(f"'{section}' settings apply only to the {section} task, and this run's task is {self.task!r}")
+            if getattr(self, section) is None and self.task == section:
+                setattr(self, section, {"dpo": DpoSpec, "classify": ClassifySpec}[section]())
+        if self.data.replay is not None and self.task == "classify":
+            raise ValueError("data.replay mixes general data into generation tasks; it does not apply to classify")
+        return self
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)

@@ -76,9 +76,11 @@ def merge_dtype(device: str, bf16: bool):
     return torch.float32
 
 
-def probe_batch(tokenizer: Any) -> list[list[int]]:
+def probe_batch(tokenizer: Any, task: str) -> list[list[int]]:
     from appliance.data.template import has_chat_template, render
 
+    if task == "classify":  # a classifier reads plain text ending in eos
+        return [tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for text in PROBE_PROMPTS]
     prompts = []
     for text in PROBE_PROMPTS:
         rendered = render(tokenizer, [{"role": "user", "content": text}], add_generation_prompt=True) if has_chat_template(tokenizer) else text
@@ -92,8 +94,9 @@ def logits_for(model: Any, prompts: list[list[int]], device: str) -> list[Any]:
     out = []
     with torch.no_grad():
         for ids in prompts:
-            logits = model(input_ids=torch.tensor([ids], device=device)).logits[0]
-            out.append(logits.float().cpu())
+            logits = model(input_ids=torch.tensor([ids], device=device)).logits
+            # Causal LM: one row per position; classifier: one row per text.
+            out.append(logits.reshape(-1, logits.shape[-1]).float().cpu())
     return out
 
 
@@ -121,14 +124,12 @@ def merge_adapter(
     quiet_libraries()
     import torch
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     from appliance.hardware import detect
     from appliance.models import describe_folder
 
     adapter = registry.adapter(adapter_name)
-    if adapter.task not in ("sft", "cpt", "dpo"):
-        raise ApplianceError(f"Merging {adapter.task} adapters is not supported.", "serve the adapter instead")
     base = check_adapter_base(registry, adapter)
     name = name or f"{adapter.base}-{adapter.name}"
     target = registry.model_dir(name)
@@ -143,11 +144,19 @@ def merge_adapter(
     started = time.time()
 
     progress(f"loading {base.name} in {str(dtype).replace('torch.', '')} (16-bit or wider, never 4-bit)")
-    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype, device_map={"": device}, trust_remote_code=False, use_safetensors=True)
+    load_kwargs: dict[str, Any] = {"dtype": dtype, "device_map": {"": device}, "trust_remote_code": False, "use_safetensors": True}
+    model_class = AutoModelForCausalLM
+    if adapter.task == "classify":
+        # The trained head travels in the adapter (modules_to_save); the result is a standard
+        # *ForSequenceClassification folder with the label names in its config.
+        model_class = AutoModelForSequenceClassification
+        labels = adapter.labels or []
+        load_kwargs.update(num_labels=len(labels), id2label=dict(enumerate(labels)), label2id={n: i for i, n in enumerate(labels)})
+    model = model_class.from_pretrained(base_dir, **load_kwargs)
     model = PeftModel.from_pretrained(model, str(adapter_dir))
     model.eval()
     tokenizer = load_tokenizer(base_dir)
-    prompts = probe_batch(tokenizer)
+    prompts = probe_batch(tokenizer, adapter.task)
     reference = logits_for(model, prompts, device)
 
     progress("merging")
@@ -161,7 +170,7 @@ def merge_adapter(
                 shutil.copy2(base_dir / filename, tmp / filename)
 
         progress("checking parity of the saved weights")
-        reloaded = AutoModelForCausalLM.from_pretrained(tmp, dtype=dtype, device_map={"": device}, use_safetensors=True)
+        reloaded = model_class.from_pretrained(tmp, dtype=dtype, device_map={"": device}, use_safetensors=True)
         parity = compare(reference, logits_for(reloaded, prompts, device), str(dtype).replace("torch.", ""))
         del reloaded
         if parity.top1_agreement < 1.0:

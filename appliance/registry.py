@@ -59,6 +59,7 @@ class DataFileRecord(BaseModel):
     sha256: str
     format: str
     examples: int
+    role: str = "train"
 
 
 class AdapterManifest(Manifest):
@@ -75,6 +76,7 @@ class AdapterManifest(Manifest):
     timings: dict[str, float] = Field(default_factory=dict)
     evaluation: dict[str, Any] | None = None
     run: str | None = None
+    labels: list[str] | None = None  # classifiers: class names, index = class id
 
 
 # -- hashing ---------------------------------------------------------------

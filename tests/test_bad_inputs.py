@@ -141,6 +141,65 @@ def _(tmp):
     return train_args(DEMO / "facts.jsonl", "a", "--config", str(tmp / "nope.yaml")), "does not exist"
 
 
+# -- methods ---------------------------------------------------------------------
+
+
+@case("dpo: chosen equals rejected", needs_tiny=True)
+def _(tmp):
+    rows = [{"prompt": "q", "chosen": "same answer", "rejected": "same answer"}, {"prompt": "q2", "chosen": "a", "rejected": "b"}]
+    return train_args(write_jsonl(tmp / "p.jsonl", rows), "a", "--recipe", "dpo"), "line 1: 'chosen' and 'rejected' are the same"
+
+
+@case("classify: a label only in validation", needs_tiny=True)
+def _(tmp):
+    rows = [{"text": f"good {i}", "label": "pos"} for i in range(6)] + [{"text": f"bad {i}", "label": "neg"} for i in range(6)]
+    val = write_jsonl(tmp / "val.jsonl", [{"text": "meh", "label": "neutral"}, {"text": "fine", "label": "pos"}])
+    return train_args(write_jsonl(tmp / "c.jsonl", rows), "a", "--recipe", "classify", "--set", f"data.val_file={val}"), "'neutral' appear in the val split but never in training"
+
+
+@case("classify: one class only", needs_tiny=True)
+def _(tmp):
+    rows = [{"text": f"good {i}", "label": "pos"} for i in range(8)]
+    return train_args(write_jsonl(tmp / "c.jsonl", rows), "a", "--recipe", "classify"), "a classifier needs two or more"
+
+
+@case("mixing: weights that sum to zero", needs_tiny=True)
+def _(tmp):
+    a = write_jsonl(tmp / "a.jsonl", [chat(f"q{i}", "a") for i in range(5)])
+    b = write_jsonl(tmp / "b.jsonl", [chat(f"r{i}", "b") for i in range(5)])
+    return ["train", "--model", "tiny", "--data", f"{a}:0", "--data", f"{b}:0", "--name", "a", "--mix", "proportional", "--steps", "1"], "sum to zero"
+
+
+@case("mixing: a weight that does not parse")
+def _(tmp):
+    return ["data", "check", f"{DEMO / 'facts.jsonl'}:heavy"], "is not a number"
+
+
+@case("mixing: replay without a fraction")
+def _(tmp):
+    return ["data", "check", str(DEMO / "facts.jsonl"), "--replay", "general.jsonl"], "is not FILE:FRACTION"
+
+
+@case("layers: a range outside the model", needs_tiny=True)
+def _(tmp):
+    return train_args(DEMO / "facts.jsonl", "a", "--layers", "0-40"), "does not fit a model with 2 layers"
+
+
+@case("layers: unfreezing more groups than layers", needs_tiny=True)
+def _(tmp):
+    return train_args(DEMO / "facts.jsonl", "a", "--set", "train.unfreeze.groups=5"), "at most 2 groups"
+
+
+@case("recipe: a field of another recipe")
+def _(tmp):
+    return train_args(DEMO / "facts.jsonl", "a", "--set", "dpo.beta=0.2"), "'dpo' settings apply only to the dpo task"
+
+
+@case("eval: unknown adapter")
+def _(tmp):
+    return ["eval", "ghost"], "Unknown adapter 'ghost'"
+
+
 # -- models ---------------------------------------------------------------------
 
 

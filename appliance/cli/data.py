@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from appliance.cli.common import json_option, print_json, registry
+from appliance.cli.train import data_options
 
 
 @click.group()
@@ -22,34 +23,33 @@ def task_for_format(fmt: str) -> str:
 
 
 @data.command("check")
-@click.argument("files", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.argument("files", nargs=-1, required=True)
 @click.option("--model", "model_name", help="measure token lengths with this model's tokenizer and chat template")
-@click.option("--seq-len", type=int, default=None, help="longest example in tokens (default: the recipe's)")
-@click.option("--val", type=float, default=None, help="validation split: fraction (< 1) or count")
-@click.option("--test", type=float, default=None, help="test split: fraction (< 1) or count")
+@data_options
 @click.option("--seed", type=int, default=None, help="split seed")
 @click.option("--recipe", default=None, help="recipe whose task decides the expected format (default: by the file)")
 @json_option
-def check(files, model_name, seq_len, val, test, seed, recipe, as_json) -> None:
-    """Check data FILES: format, counts, token lengths, duplicates, leakage, over-long examples,
-    and every problem with its line number. Exits 1 when a file has problems.
+def check(files, model_name, seed, recipe, as_json, **data_flags) -> None:
+    """Check data FILES (each FILE or FILE:WEIGHT): format, counts, token lengths, duplicates,
+    leakage across train/validation/test, over-long examples, the mixture, and every problem
+    with its line number. Exits 1 when a file has problems.
 
     \b
-    Example:
+    Examples:
       appliance data check chat.jsonl --model smollm2
+      appliance data check legal.jsonl:2 recipes.jsonl --mix temperature --replay general.jsonl:0.2
     """
     from appliance import ui
+    from appliance.cli.train import RECIPE_FOR_TASK, flag_overrides, parse_data_arg
     from appliance.config import load_run_config
     from appliance.data.dataset import prepare
     from appliance.data.load import load_file
 
-    task = None
     if recipe is None:
-        recipe = {"sft": "sft-qlora"}.get(task := task_for_format(load_file(files[0]).format), task)
-    flags: dict = {"data": {"files": [{"path": str(f)} for f in files]}}
-    for key, value in (("seq_len", seq_len), ("val", val), ("test", test), ("seed", seed)):
-        if value is not None:
-            flags["data"][key] = value
+        recipe = RECIPE_FOR_TASK[task_for_format(load_file(Path(parse_data_arg(files[0])["path"])).format)]
+    flags = flag_overrides(data=files, **data_flags)
+    if seed is not None:
+        flags["data"]["seed"] = seed
     cfg = load_run_config(recipe, flags=flags)
     tokenizer = None
     if model_name:
@@ -67,6 +67,7 @@ def check(files, model_name, seq_len, val, test, seed, recipe, as_json) -> None:
         print_json(
             {
                 "task": cfg.task,
+                "mixture": None if prepared.mixture is None else {"strategy": report.strategy, "probabilities": dict(zip(prepared.mixture.names, prepared.mixture.probs))},
                 "sources": [
                     {**s.__dict__, "problems": [{"line": p.line, "message": p.message} for p in s.problems]} for s in report.sources
                 ],
@@ -82,19 +83,33 @@ def check(files, model_name, seq_len, val, test, seed, recipe, as_json) -> None:
 
     from rich.table import Table
 
-    table = Table("file", "format", "examples", "duplicates", "train", "val", "test", "problems", title=f"data for {cfg.task}")
+    table = Table(title=f"data for {cfg.task}")
+    table.add_column("file", overflow="fold", min_width=12)
+    for header in ("role", "format", "lines", "dups", "train", "val", "test", "sampled", "problems"):
+        table.add_column(header, no_wrap=True)
     for s in report.sources:
         table.add_row(
             s.path,
+            s.role,
             s.format,
             str(s.lines),
             str(s.duplicates),
             str(s.splits.get("train", 0)),
             str(s.splits.get("val", 0)),
             str(s.splits.get("test", 0)),
+            "-" if s.probability is None else f"{s.probability:.1%}",
             f"[red]{len(s.problems)}[/]" if s.problems else "0",
         )
     ui.console.print(table)
+    if prepared.mixture is not None:
+        weights = ", ".join(f"{s.path}: {s.weight:g}" for s in report.sources if s.weight is not None)
+        ui.console.print(
+            f"mixture: {report.strategy}"
+            + (f" (T={cfg.data.mix.temperature:g})" if report.strategy == "temperature" else "")
+            + (f", replay {cfg.data.replay.fraction:.0%}" if cfg.data.replay else "")
+            + (f", weights {weights}" if weights else "")
+            + " — 'sampled' is each file's share of the training draws"
+        )
     if report.lengths:
         lengths = Table("split", "examples", "tokens p50", "p95", "max", "tokens with loss", title=f"token lengths ({model_name})")
         for name, figures in report.lengths.items():

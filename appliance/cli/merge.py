@@ -36,7 +36,10 @@ def merge(adapter: str, name: str | None, overwrite: bool) -> None:
         f"[green]merged[/] {manifest.name}  ({parity.get('dtype')}; parity over {parity.get('positions')} positions: "
         f"top-1 agreement {parity.get('top1_agreement', 0):.0%}, max |Δlogit| {parity.get('max_abs_logit_diff', 0):.2e})"
     )
-    ui.console.print(f"next: [bold]appliance serve {manifest.name}[/]")
+    if manifest.task == "classify":
+        ui.console.print(f"a standard {manifest.architecture} folder: {registry().model_dir(manifest.name)}")
+    else:
+        ui.console.print(f"next: [bold]appliance serve {manifest.name}[/]")
 
 
 commands = [merge]

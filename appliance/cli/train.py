@@ -24,6 +24,20 @@ def parse_data_arg(text: str) -> dict:
     return {"path": text}
 
 
+def parse_replay_arg(text: str) -> dict:
+    """FILE:FRACTION, the share of every micro-batch drawn from general data."""
+    from appliance.errors import ApplianceError
+
+    path, sep, fraction = text.rpartition(":")
+    try:
+        value = float(fraction)
+    except ValueError:
+        value = None
+    if not sep or not path or value is None:
+        raise ApplianceError(f"--replay {text!r} is not FILE:FRACTION.", "write it like --replay general.jsonl:0.2")
+    return {"path": path, "fraction": value}
+
+
 def flag_overrides(**flags) -> dict:
     """Flags given on the command line, as a nested dict over the recipe (unset flags are absent)."""
     where = {
@@ -40,21 +54,45 @@ def flag_overrides(**flags) -> dict:
         "save_every": "train.save_every",
         "eval_every": "train.eval_every",
         "layers": "lora.layers",
+        "test": "data.test",
+        "mix": "data.mix.strategy",
+        "temperature": "data.mix.temperature",
     }
     out: dict = {}
     for key, value in flags.items():
         if value is None or key not in where:
             continue
-        section, field = where[key].split(".")
-        out.setdefault(section, {})[field] = value
+        *parents, field = where[key].split(".")
+        node = out
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[field] = value
     if flags.get("data"):
         out.setdefault("data", {})["files"] = [parse_data_arg(d) for d in flags["data"]]
+    if flags.get("replay"):
+        out.setdefault("data", {})["replay"] = parse_replay_arg(flags["replay"])
     return out
+
+
+def data_options(fn):
+    """Options shared by `train` and `data check` to describe the data and its mixture."""
+    for option in reversed(
+        [
+            click.option("--val", type=float, help="validation split: fraction (< 1) or count"),
+            click.option("--test", type=float, help="test split, never seen in training: fraction (< 1) or count"),
+            click.option("--mix", type=click.Choice(["concat", "equal", "proportional", "temperature"]), help="how several --data files are sampled"),
+            click.option("--temperature", type=float, help="T of --mix temperature: probability ∝ size^(1/T)"),
+            click.option("--replay", help="general data against forgetting, FILE:FRACTION of every batch"),
+            click.option("--seq-len", type=int, help="longest example in tokens"),
+        ]
+    ):
+        fn = option(fn)
+    return fn
 
 
 @click.command()
 @click.option("--model", required=True, help="base model name in the store (`appliance models list`)")
-@click.option("--data", multiple=True, required=True, help="training data FILE (repeat for several)")
+@click.option("--data", multiple=True, required=True, help="training data FILE or FILE:WEIGHT (repeat for several)")
 @click.option("--name", required=True, help="name of the adapter to create")
 @click.option("--recipe", default=None, help="recipe in profiles/recipes (default: sft-qlora, or by the data's format)")
 @click.option("--config", "config_file", type=click.Path(path_type=Path), help="YAML overriding the recipe")
@@ -63,10 +101,9 @@ def flag_overrides(**flags) -> dict:
 @click.option("--epochs", type=float, help="passes over the training split")
 @click.option("--lr", type=float, help="peak learning rate")
 @click.option("--rank", type=int, help="LoRA rank")
-@click.option("--seq-len", type=int, help="longest example in tokens")
+@data_options
 @click.option("--batch-size", type=int, help="examples per micro-batch")
 @click.option("--grad-accum", type=int, help="micro-batches per optimizer step")
-@click.option("--val", type=float, help="validation split: fraction (< 1) or count")
 @click.option("--seed", type=int, help="seed of init, dropout and data order")
 @click.option("--save-every", type=int, help="checkpoint every N steps")
 @click.option("--eval-every", type=int, help="validation every N steps")

@@ -81,23 +81,37 @@ def collate_lm(items: Sequence[Any], pad_id: int, packing: bool) -> Batch:
     trained = sum(sum(1 for t in x.labels if t != IGNORE_INDEX) for x in items)
     rows = pack_rows([len(x.input_ids) for x in items]) if packing else [[i] for i in range(len(items))]
     width = max(len(x.input_ids) for x in items)
-    ids, labels, positions = [], [], []
+    ids, labels, positions, segments = [], [], [], []
     for row in rows:
-        row_ids, row_labels, row_pos = [], [], []
+        row_ids, row_labels, row_pos, row_seg = [], [], [], []
         for i in row:
             x = items[i]
             row_ids += x.input_ids
             # An item's first token is predicted from nothing of its own: no loss there.
             row_labels += [IGNORE_INDEX] + list(x.labels[1:])
             row_pos += list(range(len(x.input_ids)))
+            row_seg += [i] * len(x.input_ids)
         pad = width - len(row_ids)
         ids.append(row_ids + [pad_id] * pad)
         labels.append(row_labels + [IGNORE_INDEX] * pad)
         positions.append(row_pos + list(range(pad)))
-    tensors = {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels)}
+        segments.append(row_seg + [-1] * pad)
+    # segments: which item each position belongs to (-1: padding), for per-sequence sums (DPO).
+    tensors = {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels), "segments": torch.tensor(segments)}
     if packing:
         tensors["position_ids"] = torch.tensor(positions)
     else:
         lengths = [len(items[row[0]].input_ids) for row in rows]
         tensors["attention_mask"] = torch.tensor([[1] * n + [0] * (width - n) for n in lengths])
     return Batch(tensors, useful, trained)
+
+
+def collate_classification(items: Sequence[Any], pad_id: int) -> Batch:
+    """Labelled texts, right-padded (the classifier reads the last real token)."""
+    import torch
+
+    width = max(len(x.input_ids) for x in items)
+    ids = [list(x.input_ids) + [pad_id] * (width - len(x.input_ids)) for x in items]
+    mask = [[1] * len(x.input_ids) + [0] * (width - len(x.input_ids)) for x in items]
+    tensors = {"input_ids": torch.tensor(ids), "attention_mask": torch.tensor(mask), "labels": torch.tensor([x.label for x in items])}
+    return Batch(tensors, sum(len(x.input_ids) for x in items), len(items))

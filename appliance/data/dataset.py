@@ -1,7 +1,8 @@
 """From data files to tokenized train / validation / test splits with a report.
 
     load files → dedupe → split (per source, seeded) → leakage check → tokenize
-    (chat template + assistant-only labels, or raw text) → over-length policy
+    (chat template + assistant-only labels, packed raw text, preference pairs,
+    labelled texts) → over-length policy → mixture
 
 `prepare()` does it all; with `strict=False` it gathers every problem instead
 of raising, which is what `appliance data check` shows.
@@ -14,39 +15,14 @@ from pathlib import Path
 from typing import Any
 
 from appliance.config import DataSpec
-from appliance.data.formats import ChatExample, ClassificationExample, Example, PreferenceExample, TextExample
+from appliance.data.encoders import ENCODERS, Encoded, Record
 from appliance.data.load import LoadedFile, Problem, load_file
+from appliance.data.mix import Mixture, mixture_probabilities
 from appliance.data.split import Leak, dedupe, leakage, split
-from appliance.data.template import (
-    IGNORE_INDEX,
-    TemplateMismatch,
-    TokenizedExample,
-    end_of_text_id,
-    end_of_turn,
-    require_chat_template,
-    tokenize_chat,
-)
+from appliance.data.template import require_chat_template
 from appliance.errors import ApplianceError
 
-
-@dataclass(frozen=True)
-class Record:
-    source: int  # index into the data files
-    line: int
-    example: Example
-
-
-@dataclass(frozen=True)
-class Encoded:
-    """One tokenized training item and where it came from."""
-
-    source: int
-    line: int
-    item: Any  # TokenizedExample, or a task's own encoding (preference pair, labelled text)
-
-    @property
-    def length(self) -> int:
-        return self.item.length if hasattr(self.item, "length") else len(self.item.input_ids)
+SPLITS = ("train", "val", "test")
 
 
 @dataclass
@@ -55,14 +31,18 @@ class SourceReport:
     format: str
     sha256: str
     lines: int
+    role: str = "train"  # train (split into train/val/test), val (a --val file), replay
+    weight: float | None = None
     duplicates: int = 0
     problems: list[Problem] = field(default_factory=list)
     splits: dict[str, int] = field(default_factory=dict)
+    probability: float | None = None  # sampling probability under the mixture
 
 
 @dataclass
 class DataReport:
     sources: list[SourceReport]
+    strategy: str = "concat"
     leaks: list[Leak] = field(default_factory=list)
     overlong: int = 0
     overlong_policy: str = "drop"
@@ -79,6 +59,7 @@ class PreparedData:
     test: list[Encoded]
     report: DataReport
     labels: list[str] = field(default_factory=list)  # classification label names, index = class id
+    mixture: Mixture | None = None  # None: concat (every example once per epoch)
 
     def split(self, name: str) -> list[Encoded]:
         return getattr(self, name)
@@ -91,66 +72,12 @@ def percentile(values: list[int], q: float) -> int:
     return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
 
 
-# -- encoding per task ----------------------------------------------------------
-
-
-class Encoder:
-    """Tokenizes examples of one task; `encode` returns items (several for long raw text)."""
-
-    def __init__(self, tokenizer: Any, seq_len: int, overlong: str):
-        self.tokenizer = tokenizer
-        self.seq_len = seq_len
-        self.overlong = overlong
-
-    def encode(self, example: Example) -> list[Any]:
-        raise NotImplementedError
-
-    def too_long(self, length: int) -> bool:
-        return length > self.seq_len
-
-
-class ChatEncoder(Encoder):
-    def __init__(self, tokenizer: Any, seq_len: int, overlong: str):
-        super().__init__(tokenizer, seq_len, overlong)
-        self.eot = end_of_turn(tokenizer)
-
-    def encode(self, example: Example) -> list[Any]:
-        assert isinstance(example, ChatExample)
-        tokenized = tokenize_chat(self.tokenizer, example.messages, self.eot)
-        if tokenized.trained_tokens == 0:
-            raise TemplateMismatch("the chat template left no assistant tokens to learn from")
-        return [tokenized]
-
-    def truncate(self, item: TokenizedExample) -> TokenizedExample | None:
-        cut = TokenizedExample(item.input_ids[: self.seq_len], item.labels[: self.seq_len])
-        return cut if cut.trained_tokens else None
-
-
-class TextEncoder(Encoder):
-    """Raw text: every token carries loss; a long document becomes several seq_len chunks
-    (continued pre-training wants all of a domain's text, not only what fits)."""
-
-    def __init__(self, tokenizer: Any, seq_len: int, overlong: str):
-        super().__init__(tokenizer, seq_len, overlong)
-        self.eot_id = end_of_text_id(tokenizer)
-
-    def encode(self, example: Example) -> list[Any]:
-        assert isinstance(example, TextExample)
-        ids = self.tokenizer(example.text, add_special_tokens=False)["input_ids"] + [self.eot_id]
-        return [TokenizedExample(ids[i : i + self.seq_len], ids[i : i + self.seq_len]) for i in range(0, len(ids), self.seq_len)]
-
-    def too_long(self, length: int) -> bool:
-        return False  # chunked above, never dropped
-
-
-ENCODERS: dict[str, type[Encoder]] = {"sft": ChatEncoder, "cpt": TextEncoder}
-
-
-def register_encoder(task: str, encoder: type[Encoder]) -> None:
-    ENCODERS[task] = encoder
-
-
-# -- the pipeline ---------------------------------------------------------------
+def _load(path: Path, task: str, strict: bool, role: str, weight: float | None = None) -> tuple[LoadedFile, SourceReport]:
+    loaded = load_file(path, task)
+    if strict:
+        loaded.require_clean()
+    report = SourceReport(str(path), loaded.format, loaded.sha256, len(loaded.examples), role, weight, problems=loaded.problems)
+    return loaded, report
 
 
 def _records(loaded: LoadedFile, source: int) -> list[Record]:
@@ -168,37 +95,39 @@ def prepare(
     """Load, validate, split and tokenize every data file of `spec` for `task`.
 
     With `tokenizer=None` only the text-level steps run (formats, duplicates,
-    splits, leakage); that is `appliance data check` without `--model`.
+    splits, leakage, mixture); that is `appliance data check` without `--model`.
     """
     if not spec.files:
         raise ApplianceError("No data files given.", "pass --data FILE.jsonl")
     sources: list[SourceReport] = []
     per_source: list[list[Record]] = []
-    val_records: list[Record] = []
     for index, data_source in enumerate(spec.files):
-        loaded = load_file(data_source.path, task)
-        if strict:
-            loaded.require_clean()
-        report = SourceReport(str(data_source.path), loaded.format, loaded.sha256, len(loaded.examples), problems=loaded.problems)
+        loaded, report = _load(data_source.path, task, strict, "train", data_source.weight)
         sources.append(report)
         per_source.append(_records(loaded, index))
 
-    if spec.val_file is not None:
-        loaded = load_file(spec.val_file, task)
-        if strict:
-            loaded.require_clean()
-        sources.append(SourceReport(str(spec.val_file), loaded.format, loaded.sha256, len(loaded.examples), problems=loaded.problems))
-        val_records = _records(loaded, len(spec.files))
-
-    report = DataReport(sources=sources, overlong_policy=spec.overlong)
     train: list[Record] = []
-    val: list[Record] = list(val_records)
+    val: list[Record] = []
     test: list[Record] = []
+    if spec.val_file is not None:
+        loaded, report = _load(spec.val_file, task, strict, "val")
+        sources.append(report)
+        val += _records(loaded, len(sources) - 1)
+        report.splits = {"val": len(val)}
+    replay: list[Record] = []
+    if spec.replay is not None:
+        loaded, report = _load(spec.replay.path, task, strict, "replay")
+        sources.append(report)
+        replay = _records(loaded, len(sources) - 1)
+        report.splits = {"train": len(replay)}
+
+    report_all = DataReport(sources=sources, strategy=spec.mix.strategy, overlong_policy=spec.overlong)
     seen: set[str] = set()
+    train_by_source: list[list[Record]] = []
     for index, records in enumerate(per_source):
         if spec.dedupe:
             kept, removed = dedupe(records, lambda r: r.example.key)
-            # Duplicates across files count too: the same line in two files is one example.
+            # The same example in two files is one example.
             cross = [r for r in kept if r.example.key in seen]
             kept = [r for r in kept if r.example.key not in seen]
             seen.update(r.example.key for r in kept)
@@ -207,93 +136,84 @@ def prepare(
         val_size = 0 if spec.val_file is not None else spec.val
         tr, va, te = split(records, val_size, spec.test, spec.seed + index)
         sources[index].splits = {"train": len(tr), "val": len(va), "test": len(te)}
+        train_by_source.append(tr)
         train += tr
         val += va
         test += te
-    if spec.val_file is not None:
-        sources[-1].splits = {"val": len(val_records)}
+    train += replay
 
-    report.leaks = leakage({"train": train, "val": val, "test": test}, lambda r: r.example.prompt_key)
+    report_all.leaks = leakage({"train": train, "val": val, "test": test}, lambda r: r.example.prompt_key)
     if task == "cpt":
-        # Raw text repeats boilerplate lines; only long shared passages are leaks.
-        report.leaks = [leak for leak in report.leaks if len(leak.prompt) >= 200]
+        # Raw text repeats short boilerplate lines; only long shared passages are leaks.
+        report_all.leaks = [leak for leak in report_all.leaks if len(leak.prompt) >= 200]
+    if not any(train_by_source):
+        _problem(report_all, strict, "No training examples are left after removing duplicates and holding out validation/test.",
+                 "add more examples, or lower --val / data.test")
 
-    if not train:
-        problem = "No training examples are left after removing duplicates and holding out validation/test."
-        if strict:
-            raise ApplianceError(problem, "add more examples, or lower --val / data.test")
-        report.problems.append(problem)
-
-    prepared = PreparedData(task, [], [], [], report)
+    prepared = PreparedData(task, [], [], [], report_all)
+    splits = {"train": train, "val": val, "test": test}
     if tokenizer is None:
-        for name, records in (("train", train), ("val", val), ("test", test)):
-            setattr(prepared, name, [Encoded(r.source, r.line, None) for r in records])
-        return prepared
+        for name in SPLITS:
+            setattr(prepared, name, [Encoded(r.source, r.line, None) for r in splits[name]])
+    else:
+        if task in ("sft", "dpo"):
+            require_chat_template(tokenizer, model_name)
+        encoder = ENCODERS[task](tokenizer, spec.seq_len, spec.overlong)
+        prepared.labels = encoder.prepare_labels(splits, sources, strict)
+        for name in SPLITS:
+            encoded = encoder.encode_split(splits[name], sources, report_all, strict)
+            setattr(prepared, name, encoded)
+            lengths = [e.length for e in encoded]
+            report_all.lengths[name] = {"p50": percentile(lengths, 50), "p95": percentile(lengths, 95), "max": max(lengths, default=0)}
+            report_all.trained_tokens[name] = sum(e.trained_tokens for e in encoded)
+        if not prepared.train:
+            problem = "No training examples are left after tokenizing"
+            if report_all.overlong:
+                problem += f" ({report_all.overlong} were longer than seq_len={spec.seq_len} and dropped)"
+            _problem(report_all, strict, problem + ".", "raise --seq-len, or keep long examples cut with --set data.overlong=truncate")
 
-    if task in ("sft", "dpo"):
-        require_chat_template(tokenizer, model_name)
-    encoder = ENCODERS[task](tokenizer, spec.seq_len, spec.overlong)
-    setup = getattr(encoder, "setup", None)
-    if setup is not None:
-        setup(train, val, test, prepared, strict)
-    for name, records in (("train", train), ("val", val), ("test", test)):
-        encoded: list[Encoded] = []
-        for record in records:
-            try:
-                items = encoder.encode(record.example)
-            except TemplateMismatch as err:
-                problem = Problem(record.line, str(err))
-                sources[record.source].problems.append(problem)
-                if strict:
-                    raise ApplianceError(
-                        f"{sources[record.source].path} {problem}",
-                        "check that the roles suit this model's chat template",
-                    ) from None
-                continue
-            for item in items:
-                length = item.length if hasattr(item, "length") else len(item.input_ids)
-                if encoder.too_long(length):
-                    report.overlong += 1
-                    if spec.overlong == "drop":
-                        continue
-                    item = encoder.truncate(item)
-                    if item is None:
-                        continue
-                encoded.append(Encoded(record.source, record.line, item))
-        setattr(prepared, name, encoded)
-        lengths = [e.length for e in encoded]
-        report.lengths[name] = {
-            "p50": percentile(lengths, 50),
-            "p95": percentile(lengths, 95),
-            "max": max(lengths, default=0),
-        }
-        report.trained_tokens[name] = sum(
-            sum(1 for x in e.item.labels if x != IGNORE_INDEX) if hasattr(e.item, "labels") else e.length for e in encoded
-        )
-
-    if not prepared.train:
-        problem = "No training examples are left after tokenizing"
-        if report.overlong:
-            problem += f" ({report.overlong} were longer than seq_len={spec.seq_len} and dropped)"
-        if strict:
-            raise ApplianceError(problem + ".", "raise --seq-len, or keep long examples cut with --set data.overlong=truncate")
-        report.problems.append(problem)
+    prepared.mixture = _mixture(prepared, spec, sources, strict)
     return prepared
 
 
-def data_records(prepared: PreparedData, spec: DataSpec) -> list[dict[str, Any]]:
+def _problem(report: DataReport, strict: bool, message: str, fix: str) -> None:
+    if strict:
+        raise ApplianceError(message, fix)
+    report.problems.append(message)
+
+
+def _mixture(prepared: PreparedData, spec: DataSpec, sources: list[SourceReport], strict: bool) -> Mixture | None:
+    """Group the train split by source and give each group its sampling probability."""
+    task_sources = [i for i, s in enumerate(sources) if s.role == "train"]
+    replay_sources = [i for i, s in enumerate(sources) if s.role == "replay"]
+    if spec.mix.strategy == "concat" and not replay_sources:
+        return None
+    groups = {i: [] for i in task_sources + replay_sources}
+    for position, item in enumerate(prepared.train):
+        groups[item.source].append(position)
+    empty = [sources[i].path for i, g in groups.items() if not g]
+    if empty:
+        _problem(prepared.report, strict, f"No training examples left in {', '.join(empty)} to sample from.", "check those files")
+        return None
+    sizes = [len(groups[i]) for i in task_sources]
+    fraction = spec.replay.fraction if spec.replay is not None else 0.0
+    probs = mixture_probabilities(sizes, [sources[i].weight for i in task_sources], spec.mix.strategy, spec.mix.temperature, fraction)
+    order = task_sources + replay_sources
+    for i, p in zip(order, probs):
+        sources[i].probability = p
+    return Mixture([groups[i] for i in order], probs, [sources[i].path for i in order])
+
+
+def examples_per_epoch(prepared: PreparedData, replay_fraction: float) -> int:
+    """An epoch under a mixture: as many draws as the task examples, plus the replay share."""
+    task_examples = sum(1 for e in prepared.train if prepared.report.sources[e.source].role == "train")
+    return int(round(task_examples / (1.0 - replay_fraction)))
+
+
+def data_records(prepared: PreparedData) -> list[dict[str, Any]]:
     """What an adapter's manifest records about its data."""
     return [
-        {"path": str(Path(s.path).resolve()), "sha256": s.sha256, "format": s.format, "examples": s.lines}
+        {"path": str(Path(s.path).resolve()), "sha256": s.sha256, "format": s.format, "examples": s.lines, "role": s.role}
         for s in prepared.report.sources
     ]
 
-
-__all__ = [
-    "ClassificationExample",
-    "PreferenceExample",
-    "PreparedData",
-    "Encoded",
-    "prepare",
-    "register_encoder",
-]

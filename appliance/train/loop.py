@@ -21,7 +21,8 @@ from typing import Any
 
 from appliance.config import RunConfig
 from appliance.data.batches import Batch, MicroBatchPlan
-from appliance.data.dataset import PreparedData, data_records, prepare
+from appliance.data.dataset import PreparedData, data_records, examples_per_epoch, prepare
+from appliance.data.mix import MixturePlan
 from appliance.errors import ApplianceError, TrainingInterrupted
 from appliance.hardware import detect
 from appliance.registry import AdapterManifest, Registry
@@ -191,18 +192,65 @@ class TrainingRun:
         self.model = self._build_model()
         self.load_s = time.time() - started
         self.adapter_params = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
-        self.objective: Objective = objective_for(
-            cfg.task, self.tokenizer.pad_token_id, cfg.train.packing and cfg.task in ("sft", "cpt")
-        )
-        self.plan = MicroBatchPlan(len(self.data.train), cfg.train.batch_size, cfg.train.seed)
+        self.objective: Objective = objective_for(cfg.task, self.tokenizer.pad_token_id, cfg.train.packing, cfg)
+        if self.data.mixture is not None:
+            replay = cfg.data.replay.fraction if cfg.data.replay else 0.0
+            self.plan = MixturePlan(self.data.mixture, cfg.train.batch_size, cfg.train.seed, examples_per_epoch(self.data, replay))
+        else:
+            self.plan = MicroBatchPlan(len(self.data.train), cfg.train.batch_size, cfg.train.seed)
         self.total_steps = self._total_steps()
+        self.layer_groups = self._layer_groups()
         self.warmup_steps = int(cfg.train.warmup) if cfg.train.warmup >= 1 else int(round(cfg.train.warmup * self.total_steps))
         self.optimizer, self.optimizer_name = self._build_optimizer()
         self.val_batches = self._batches_of(self.data.val)
 
     def _build_model(self):
-        model = load_base(self.model_dir, self.cfg.model, self.device, self.dtype, task=self.cfg.task)
+        model = load_base(self.model_dir, self.cfg.model, self.device, self.dtype, task=self.cfg.task, labels=self.data.labels)
         return attach_lora(model, self.cfg.lora, task=self.cfg.task)
+
+    # -- gradual unfreezing ------------------------------------------------------------
+
+    def _layer_groups(self) -> dict[str, int]:
+        """Adapter parameter → layer group, 0 being the top group (unfrozen first).
+
+        Without `train.unfreeze` everything is group 0. Parameters outside the decoder
+        layers (a classifier's head) belong to the top group.
+        """
+        import re
+
+        spec = self.cfg.train.unfreeze
+        if spec is None:
+            return {name: 0 for name in self.adapter_params}
+        layer_of = {name: int(m.group(1)) for name in self.adapter_params if (m := re.search(r"\.layers\.(\d+)\.", name))}
+        layers = sorted(set(layer_of.values()), reverse=True)  # top first
+        if len(layers) < spec.groups:
+            raise ApplianceError(
+                f"train.unfreeze.groups={spec.groups} but adapters sit on only {len(layers)} layer(s).",
+                f"use at most {len(layers)} groups",
+            )
+        size = -(-len(layers) // spec.groups)
+        group_of_layer = {layer: i // size for i, layer in enumerate(layers)}
+        return {name: group_of_layer.get(layer_of.get(name, -1), 0) for name in self.adapter_params}
+
+    def unfrozen_groups(self, step: int) -> int:
+        """How many groups (from the top) train at optimizer step `step` (0-based)."""
+        spec = self.cfg.train.unfreeze
+        if spec is None:
+            return 1
+        every = spec.every if isinstance(spec.every, int) else max(1, math.ceil(self.plan.per_epoch / self.cfg.train.grad_accum))
+        return min(spec.groups, 1 + step // every)
+
+    def on_step_start(self) -> None:
+        """Set which adapter layers train in this phase; announce a new phase."""
+        if self.cfg.train.unfreeze is None:
+            return
+        active = self.unfrozen_groups(self.state.step)
+        for name, param in self.adapter_params.items():
+            param.requires_grad_(self.layer_groups[name] < active)
+        if active != getattr(self, "_active_groups", None):
+            self._active_groups = active
+            trainable = sum(p.numel() for p in self.adapter_params.values() if p.requires_grad)
+            self.emit(PhaseChanged(self.state.step, f"top {active} of {self.cfg.train.unfreeze.groups} layer groups", trainable))
 
     def _total_steps(self) -> int:
         t = self.cfg.train
@@ -214,7 +262,12 @@ class TrainingRun:
         import torch
 
         t = self.cfg.train
-        params = list(self.adapter_params.values())
+        decay = t.unfreeze.lr_decay if t.unfreeze is not None else 1.0
+        # One parameter group per layer group: lower groups may learn more slowly (ULMFiT's discriminative rates).
+        params = [
+            {"params": [p for n, p in self.adapter_params.items() if self.layer_groups[n] == g], "initial_lr": t.lr * decay**g}
+            for g in sorted(set(self.layer_groups.values()))
+        ]
         name = t.optimizer
         if name == "auto":
             name = "paged_adamw_8bit" if self.device == "cuda" else "adamw"
@@ -379,9 +432,6 @@ class TrainingRun:
             **stats_total,
         }
 
-    def on_step_start(self) -> None:
-        """Hook for recipes that change what trains as the run goes (gradual unfreezing)."""
-
     def train(self, signals: _Signals) -> bool:
         """The loop. Returns True when early stopping ended it."""
         import torch
@@ -465,7 +515,6 @@ class TrainingRun:
             # vLLM's filesystem resolver matches this against the server's --model path.
             adapter_config["base_model_name_or_path"] = str(self.model_dir)
             (tmp / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2))
-            self.write_extra_files(tmp)
             targets = adapter_config.get("target_modules") or []
             manifest = AdapterManifest(
                 name=self.adapter_name,
@@ -476,22 +525,21 @@ class TrainingRun:
                 rank=cfg.lora.rank,
                 alpha=cfg.lora.alpha,
                 target_modules=sorted({t.rsplit(".", 1)[-1] for t in targets}) if isinstance(targets, list) else [targets],
-                data=data_records(self.data, cfg.data),
+                data=data_records(self.data),
                 config=cfg.model_dump(mode="json"),
                 metrics=metrics,
                 timings={"load_s": round(self.load_s, 1), "train_s": round(train_s, 1)},
                 run=str(self.run_dir),
+                labels=self.data.labels or None,
             )
             self.registry.write_manifest(tmp, manifest)
         return self.adapter_dir
 
-    def write_extra_files(self, folder: Path) -> None:
-        """Hook: recipes that save more than the adapter (a classifier's label names)."""
-
     # -- the whole story --------------------------------------------------------------
 
     def run(self) -> TrainResult:
-        self.setup()
+        if not hasattr(self, "model"):  # a caller may have set up already, to inspect the run
+            self.setup()
         trainable, total = trainable_parameters(self.model)
         resumed = self.load_checkpoint() if self.resume else None
         self.emit(
@@ -510,7 +558,8 @@ class TrainingRun:
                 resumed,
             )
         )
-        self.emit(PhaseChanged(self.state.step, "all adapter layers", trainable))
+        if self.cfg.train.unfreeze is None:
+            self.emit(PhaseChanged(self.state.step, "all adapter layers", trainable))
         with _Signals() as signals:
             stopped_early = self.train(signals)
             metrics = {}

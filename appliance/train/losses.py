@@ -96,3 +96,33 @@ def causal_lm_loss_sum(model, tensors: dict[str, torch.Tensor]) -> tuple[torch.T
         return hidden.sum() * 0.0, 0
     selected = hidden[:, :-1][keep]
     return linear_cross_entropy_sum(selected, output_head(model), targets[keep]), n
+
+
+def _chunk_logprobs(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    logits = head(hidden).float()
+    return torch.log_softmax(logits, dim=-1).gather(1, targets[:, None]).squeeze(1)
+
+
+def sequence_logprobs(model, tensors: dict[str, torch.Tensor], n_items: int) -> torch.Tensor:
+    """Sum of log p(label token) per item (items identified by `segments`), logits in chunks.
+
+    Each chunk's logits are recomputed in backward (checkpoint) rather than kept: DPO
+    needs the log-probabilities themselves, so the fused CE gradient trick does not apply.
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    hidden = causal_lm_hidden(model, tensors)
+    targets = tensors["labels"][:, 1:]
+    keep = targets != IGNORE_INDEX
+    selected, chosen_targets = hidden[:, :-1][keep], targets[keep]
+    segment = tensors["segments"][:, 1:][keep]
+    head = output_head(model)
+    rows = chunk_rows(getattr(head, "out_features", 131072))
+    parts = [
+        checkpoint(_chunk_logprobs, head, selected[s : s + rows], chosen_targets[s : s + rows], use_reentrant=False)
+        if torch.is_grad_enabled()
+        else _chunk_logprobs(head, selected[s : s + rows], chosen_targets[s : s + rows])
+        for s in range(0, selected.shape[0], rows)
+    ]
+    token_logprobs = torch.cat(parts) if parts else selected.new_zeros(0, dtype=torch.float32)
+    return torch.zeros(n_items, dtype=torch.float32, device=hidden.device).index_add(0, segment, token_logprobs)

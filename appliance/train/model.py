@@ -65,7 +65,7 @@ def load_tokenizer(model_dir: Path):
     return tokenizer
 
 
-def load_base(model_dir: Path, spec: ModelSpec, device: str, dtype, *, task: str = "sft", num_labels: int = 0) -> Any:
+def load_base(model_dir: Path, spec: ModelSpec, device: str, dtype, *, task: str = "sft", labels: list[str] | None = None) -> Any:
     """The frozen base, 4-bit NF4 (double quant) or 16-bit, on `device`."""
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, BitsAndBytesConfig
@@ -84,9 +84,18 @@ def load_base(model_dir: Path, spec: ModelSpec, device: str, dtype, *, task: str
             bnb_4bit_use_double_quant=spec.double_quant,
             bnb_4bit_compute_dtype=dtype,
             bnb_4bit_quant_storage=torch.uint8,
+            # A classifier's head is new and trained: it must stay a normal layer.
+            llm_int8_skip_modules=["score"] if task == "classify" else None,
         )
     if task == "classify":
-        model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=num_labels, **kwargs)
+        labels = labels or []
+        model = AutoModelForSequenceClassification.from_pretrained(
+            model_dir,
+            num_labels=len(labels),
+            id2label=dict(enumerate(labels)),
+            label2id={label: i for i, label in enumerate(labels)},
+            **kwargs,
+        )
     else:
         model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
     model.config.use_cache = False
@@ -110,7 +119,8 @@ def num_layers(model: Any) -> int:
 
 
 def parse_layers(text: str | None, n_layers: int) -> list[int] | None:
-    """'top:8', 'bottom:4', '0-11', '3,5,7' → sorted layer indices (None: all layers)."""
+    """'top:8', 'bottom:4', '0-11', '3,5,7' → sorted layer indices (None: all layers).
+    ('re:PATTERN', a regex over module names, is handled by attach_lora.)"""
     if text is None or text.strip() in ("", "all"):
         return None
     text = text.strip()
@@ -143,14 +153,25 @@ def parse_layers(text: str | None, n_layers: int) -> list[int] | None:
 
 def attach_lora(model: Any, lora: LoraSpec, *, task: str = "sft") -> Any:
     """Wrap the frozen base with LoRA adapters (all linear layers by default)."""
+    import torch
     from peft import LoraConfig, get_peft_model
 
-    layers = parse_layers(lora.layers, num_layers(model))
+    targets: str | list[str] = lora.target_modules
+    if lora.layers and lora.layers.startswith("re:"):
+        # A module pattern: peft matches the regex against full module names.
+        targets, layers = lora.layers[3:], None
+    else:
+        layers = parse_layers(lora.layers, num_layers(model))
+    if layers is not None and targets == "all-linear":
+        # peft takes a layer list only with explicit module names.
+        targets = sorted(
+            {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if ".layers." in name and isinstance(module, torch.nn.Linear)}
+        )
     config = LoraConfig(
         r=lora.rank,
         lora_alpha=lora.alpha,
         lora_dropout=lora.dropout,
-        target_modules=lora.target_modules,
+        target_modules=targets,
         layers_to_transform=layers,
         layers_pattern="layers" if layers is not None else None,
         bias="none",

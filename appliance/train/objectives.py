@@ -1,5 +1,5 @@
-"""What each recipe optimizes. The loop is shared; an objective supplies the
-collation, the summed loss with its unit count, and the validation metrics."""
+"""What each recipe optimizes. The loop is shared; an objective supplies the collation,
+the summed loss with its unit count, and the validation metrics."""
 
 from __future__ import annotations
 
@@ -7,16 +7,15 @@ from typing import Any, Sequence
 
 import torch
 
-from appliance.data.batches import Batch, collate_lm
-from appliance.train.losses import causal_lm_loss_sum
+from appliance.data.batches import Batch, collate_classification, collate_lm
+from appliance.train.losses import causal_lm_loss_sum, sequence_logprobs
 
 
 class Objective:
-    """Base: causal language modelling on labelled tokens (sft: assistant tokens; cpt: all tokens)."""
+    """Causal language modelling on labelled tokens (sft: assistant tokens; cpt: all tokens)."""
 
     metric = "val_loss"  # early stopping watches this
     higher_is_better = False
-    unit = "tokens"
 
     def __init__(self, pad_id: int, packing: bool):
         self.pad_id = pad_id
@@ -26,7 +25,7 @@ class Objective:
         return collate_lm(items, self.pad_id, self.packing)
 
     def units(self, batch: Batch) -> int:
-        """How many things the loss of this batch averages over (for accumulation weights)."""
+        """What the loss of this batch averages over (tokens here), for accumulation weights."""
         return batch.trained_tokens
 
     def loss_sum(self, model: Any, tensors: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
@@ -37,16 +36,103 @@ class Objective:
     def evaluate(self, model: Any, batches: Sequence[Batch], device: str) -> dict[str, float]:
         total, count = 0.0, 0
         for batch in batches:
-            tensors = {k: v.to(device) for k, v in batch.tensors.items()}
-            loss, n = causal_lm_loss_sum(model, tensors)
+            loss, n = causal_lm_loss_sum(model, _to(batch, device))
             total += float(loss)
             count += n
         mean = total / max(count, 1)
         return {"val_loss": mean, "val_ppl": float(torch.exp(torch.tensor(min(mean, 50.0))))}
 
 
-OBJECTIVES: dict[str, type[Objective]] = {"sft": Objective, "cpt": Objective}
+def _to(batch: Batch, device: str) -> dict[str, torch.Tensor]:
+    return {k: v.to(device) for k, v in batch.tensors.items()}
 
 
-def objective_for(task: str, pad_id: int, packing: bool, **kwargs: Any) -> Objective:
-    return OBJECTIVES[task](pad_id, packing, **kwargs)
+class PreferenceObjective(Objective):
+    """DPO (Rafailov et al. 2023): −log σ(β[(log π(c) − log π_ref(c)) − (log π(r) − log π_ref(r))]).
+
+    The reference is the same 4-bit base with the adapter switched off: no second copy in memory.
+    """
+
+    def __init__(self, pad_id: int, packing: bool, beta: float):
+        super().__init__(pad_id, packing)
+        self.beta = beta
+
+    def collate(self, items: Sequence[Any]) -> Batch:
+        flat = [x for pair in items for x in (pair.chosen, pair.rejected)]  # chosen at even, rejected at odd
+        batch = collate_lm(flat, self.pad_id, self.packing)
+        batch.trained_tokens = len(items)  # the unit of the DPO loss is the pair
+        return batch
+
+    def _terms(self, model: Any, tensors: dict[str, torch.Tensor]):
+        n = int(tensors["segments"].max()) + 1
+        policy = sequence_logprobs(model, tensors, n)
+        with torch.no_grad(), model.disable_adapter():
+            reference = sequence_logprobs(model, tensors, n)
+        chosen_reward = self.beta * (policy[0::2] - reference[0::2])
+        rejected_reward = self.beta * (policy[1::2] - reference[1::2])
+        margin = chosen_reward - rejected_reward
+        loss = -torch.nn.functional.logsigmoid(margin).sum()
+        return loss, margin.detach(), (policy[0::2] - policy[1::2]).detach()
+
+    def loss_sum(self, model, tensors):
+        loss, margin, _ = self._terms(model, tensors)
+        return loss, {"reward_margin": float(margin.mean()), "reward_accuracy": float((margin > 0).float().mean())}
+
+    @torch.no_grad()
+    def evaluate(self, model, batches, device):
+        losses, margins, logp_margins = [], [], []
+        for batch in batches:
+            loss, margin, logp_margin = self._terms(model, _to(batch, device))
+            losses.append(float(loss))
+            margins.append(margin)
+            logp_margins.append(logp_margin)
+        margin, logp_margin = torch.cat(margins), torch.cat(logp_margins)
+        return {
+            "val_loss": sum(losses) / len(margin),
+            "val_reward_margin": float(margin.mean()),
+            "val_reward_accuracy": float((margin > 0).float().mean()),
+            "val_logp_margin": float(logp_margin.mean()),  # log π(chosen) − log π(rejected)
+        }
+
+
+class ClassificationObjective(Objective):
+    """Cross-entropy over classes from a sequence-classification head (LoRA + trained head)."""
+
+    def __init__(self, pad_id: int, packing: bool, metric: str = "val_loss"):
+        super().__init__(pad_id, packing=False)
+        self.metric = metric
+        self.higher_is_better = metric != "val_loss"
+
+    def collate(self, items: Sequence[Any]) -> Batch:
+        return collate_classification(items, self.pad_id)
+
+    def loss_sum(self, model, tensors):
+        logits = model(input_ids=tensors["input_ids"], attention_mask=tensors["attention_mask"]).logits.float()
+        loss = torch.nn.functional.cross_entropy(logits, tensors["labels"], reduction="sum")
+        return loss, {"accuracy": float((logits.argmax(-1) == tensors["labels"]).float().mean())}
+
+    @torch.no_grad()
+    def predict(self, model, batches, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(class probabilities, true labels) over `batches`."""
+        probs, labels = [], []
+        for batch in batches:
+            tensors = _to(batch, device)
+            logits = model(input_ids=tensors["input_ids"], attention_mask=tensors["attention_mask"]).logits.float()
+            probs.append(torch.softmax(logits, -1).cpu())
+            labels.append(tensors["labels"].cpu())
+        return torch.cat(probs), torch.cat(labels)
+
+    def evaluate(self, model, batches, device):
+        from appliance.evaluate import classification_metrics
+
+        probs, labels = self.predict(model, batches, device)
+        loss = float(torch.nn.functional.nll_loss(torch.log(probs.clamp_min(1e-12)), labels))
+        return {"val_loss": loss, **{f"val_{k}": v for k, v in classification_metrics(probs, labels).items()}}
+
+
+def objective_for(task: str, pad_id: int, packing: bool, cfg: Any) -> Objective:
+    if task == "dpo":
+        return PreferenceObjective(pad_id, packing, cfg.dpo.beta)
+    if task == "classify":
+        return ClassificationObjective(pad_id, packing, cfg.classify.metric)
+    return Objective(pad_id, packing)

@@ -1,0 +1,74 @@
+"""Transfer-learning methods on the real SmolLM2, each shown to do what it claims:
+continued pre-training lowers held-out domain perplexity, DPO raises the chosen-minus-rejected
+margin on held-out pairs, a classification head beats the majority class."""
+
+import json
+
+import pytest
+
+from appliance.config import load_run_config
+from appliance.evaluate import evaluate_adapter
+from appliance.merge import merge_adapter
+from appliance.train.loop import run_training
+from conftest import REPO
+
+pytestmark = pytest.mark.slow
+DATA = REPO / "tests" / "data"
+
+
+def train(registry, recipe, filename, name, data=None, **train):
+    cfg = load_run_config(
+        recipe,
+        flags={
+            "model": {"name": "smollm2"},
+            "data": {"files": [{"path": str(DATA / filename)}], **(data or {})},
+            "train": {"save_every": 100, **train},
+        },
+    )
+    return run_training(cfg, registry, name)
+
+
+def test_cpt_lowers_perplexity_on_held_out_domain_text(smollm2):
+    train(smollm2, "cpt", "domain.txt", "tram", steps=10, batch_size=4, lr=5e-4, data={"seq_len": 128, "val": 4, "test": 8})
+    report = evaluate_adapter(smollm2, "tram")
+    print(f"\ncpt on {report.examples} held-out blocks: perplexity {report.before['perplexity']:.1f} → {report.after['perplexity']:.1f}; "
+          f"forgetting {report.forgetting['change_pct']:+.1f} %")
+    assert report.split == "test"
+    assert report.after["perplexity"] < 0.5 * report.before["perplexity"]
+    assert abs(report.forgetting["change_pct"]) < 25
+
+
+def test_dpo_raises_the_preference_margin_on_held_out_pairs(smollm2):
+    result = train(smollm2, "dpo", "prefs.jsonl", "polite", steps=12, batch_size=4, lr=2e-4, data={"val": 4, "test": 8})
+    steps = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert all("reward_margin" in m and "reward_accuracy" in m for m in steps if "loss" in m)
+    report = evaluate_adapter(smollm2, "polite")
+    print(f"\ndpo on {report.examples} held-out pairs: log-prob margin {report.before['logp_margin']:.1f} → {report.after['logp_margin']:.1f}")
+    assert report.after["logp_margin"] > report.before["logp_margin"] + 10
+    assert report.after["preference_accuracy"] == 1.0
+
+
+def test_classifier_beats_the_majority_class_and_merges_to_a_standard_folder(smollm2):
+    train(smollm2, "classify", "reviews.jsonl", "sentiment", steps=15, batch_size=8, lr=5e-4, data={"val": 12, "test": 24})
+    report = evaluate_adapter(smollm2, "sentiment")
+    print(f"\nclassify on {report.examples} held-out reviews: {report.after} vs {report.against} {report.before}")
+    assert report.after["accuracy"] > report.before["accuracy"] + 0.2
+    assert {"accuracy", "macro_f1", "roc_auc"} <= set(report.after)
+
+    merged = merge_adapter(smollm2, "sentiment", name="sentiment-model")
+    assert merged.architecture == "LlamaForSequenceClassification" and merged.task == "classify"
+    assert merged.parity["top1_agreement"] == 1.0
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    import torch
+
+    folder = smollm2.model_dir("sentiment-model")
+    model = AutoModelForSequenceClassification.from_pretrained(folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    assert model.config.id2label == {0: "negative", 1: "positive"}
+    texts = ["This kettle broke after two days. Avoid it.", "This lamp is a joy to use. Five stars."]
+    with torch.no_grad():
+        predicted = [
+            model.config.id2label[int(model(**tokenizer(t + tokenizer.eos_token, return_tensors="pt")).logits.argmax())]
+            for t in texts
+        ]
+    assert predicted == ["negative", "positive"]

@@ -1,0 +1,146 @@
+"""Method mechanics on the tiny LLaMA: layer freezing, gradual unfreezing, mixing, early stopping,
+train/val/test separation."""
+
+import json
+from collections import Counter
+
+import pytest
+import torch
+
+from appliance.config import DataSource, DataSpec, MixSpec, ReplaySpec, load_run_config
+from appliance.data.dataset import examples_per_epoch, prepare
+from appliance.data.mix import MixturePlan, mixture_probabilities
+from appliance.errors import ApplianceError
+from appliance.train.events import PhaseChanged
+from appliance.train.loop import TrainingRun, run_training
+from conftest import DEMO, chat, write_jsonl
+
+
+def config(path=DEMO / "facts.jsonl", **sections):
+    flags = {"model": {"name": "tiny"}, "data": {"files": [{"path": str(path)}], "val": 4}, "train": {"steps": 4, "batch_size": 4, "lr": 1e-3}}
+    for key, value in sections.items():
+        flags.setdefault(key, {}).update(value)
+    return load_run_config("sft-qlora", flags=flags)
+
+
+def test_layers_top_n_puts_adapters_only_on_the_top_layers(tiny):
+    run = TrainingRun(config(lora={"layers": "top:1"}), tiny, "x")
+    run.setup()
+    assert run.adapter_params and all(".layers.1." in n for n in run.adapter_params)
+    run = TrainingRun(config(lora={"layers": "0"}), tiny, "y")
+    run.setup()
+    assert all(".layers.0." in n for n in run.adapter_params)
+
+
+def test_a_layer_range_outside_the_model_is_refused(tiny):
+    with pytest.raises(ApplianceError, match="does not fit a model with 2 layers"):
+        TrainingRun(config(lora={"layers": "0-5"}), tiny, "x").setup()
+
+
+def test_gradual_unfreezing_follows_its_schedule(tiny):
+    phases = []
+    cfg = config(train={"steps": 6, "unfreeze": {"groups": 2, "every": 2, "lr_decay": 0.5}, "save_every": 1})
+    run = TrainingRun(cfg, tiny, "g", events=lambda e: phases.append(e) if isinstance(e, PhaseChanged) else None)
+    run.setup()
+    lower = {n: p for n, p in run.adapter_params.items() if ".layers.0." in n}
+    upper = {n: p for n, p in run.adapter_params.items() if ".layers.1." in n}
+    assert [run.unfrozen_groups(s) for s in range(6)] == [1, 1, 2, 2, 2, 2]
+    # Discriminative learning rates: the lower group learns at half the rate.
+    assert sorted(g["initial_lr"] for g in run.optimizer.param_groups) == [5e-4, 1e-3]
+
+    snapshots = {}
+    original_step = run.train_step
+
+    def step_and_snapshot():
+        out = original_step()
+        snapshots[run.state.step] = {n: p.detach().clone() for n, p in lower.items()}
+        return out
+
+    run.train_step = step_and_snapshot
+    run.run()
+    print("\nphases:", [(p.step, p.description, p.trainable_params) for p in phases])
+    assert [(p.step, p.description) for p in phases] == [(0, "top 1 of 2 layer groups"), (2, "top 2 of 2 layer groups")]
+    assert phases[0].trainable_params == sum(p.numel() for p in upper.values())
+    assert phases[1].trainable_params == sum(p.numel() for p in upper.values()) + sum(p.numel() for p in lower.values())
+    # Frozen in steps 1-2, learning from step 3 on.
+    assert all(torch.equal(snapshots[1][n], snapshots[2][n]) for n in lower)
+    assert any(not torch.equal(snapshots[2][n], snapshots[3][n]) for n in lower)
+
+
+def test_mixture_probabilities_follow_the_formulas():
+    sizes = [10, 40, 90]
+    assert mixture_probabilities(sizes, [None] * 3, "equal") == pytest.approx([1 / 3] * 3)
+    assert mixture_probabilities(sizes, [None] * 3, "proportional") == pytest.approx([10 / 140, 40 / 140, 90 / 140])
+    assert mixture_probabilities(sizes, [1, 2, 1], "proportional") == pytest.approx([10 / 180, 80 / 180, 90 / 180])
+    t = [n ** 0.5 for n in sizes]
+    assert mixture_probabilities(sizes, [None] * 3, "temperature", 2.0) == pytest.approx([x / sum(t) for x in t])
+    assert mixture_probabilities(sizes, [None] * 3, "equal", replay_fraction=0.25) == pytest.approx([0.25] * 4)
+    with pytest.raises(ApplianceError, match="sum to zero"):
+        mixture_probabilities(sizes, [0, 0, 0], "proportional")
+
+
+def test_sampled_proportions_match_the_formula(tmp_path):
+    files = []
+    for name, n in (("a", 10), ("b", 40), ("c", 90)):
+        files.append(write_jsonl(tmp_path / f"{name}.jsonl", [chat(f"{name} question {i}", f"answer {i}") for i in range(n)]))
+    replay = write_jsonl(tmp_path / "general.jsonl", [chat(f"general {i}", f"g {i}") for i in range(20)])
+    spec = DataSpec(
+        files=[DataSource(path=f) for f in files],
+        val=0,
+        mix=MixSpec(strategy="temperature", temperature=2.0),
+        replay=ReplaySpec(path=replay, fraction=0.2),
+    )
+    prepared = prepare(spec, "sft", None)
+    expected = mixture_probabilities([10, 40, 90], [None] * 3, "temperature", 2.0, 0.2)
+    assert prepared.mixture.probs == pytest.approx(expected)
+    plan = MixturePlan(prepared.mixture, 8, seed=1, examples_per_epoch=examples_per_epoch(prepared, 0.2))
+    draws = Counter(prepared.train[i].source for k in range(2500) for i in plan(k))
+    total = sum(draws.values())
+    observed = [draws[s] / total for s in range(4)]
+    print(f"\nexpected {[round(p, 3) for p in expected]}, observed {[round(p, 3) for p in observed]} over {total} draws")
+    assert observed == pytest.approx(expected, abs=0.01)
+    assert plan(17) == MixturePlan(prepared.mixture, 8, seed=1, examples_per_epoch=175)(17)  # a pure function of k
+
+
+def test_replay_and_mixing_run_through_the_loop(tiny, tmp_path):
+    general = write_jsonl(tmp_path / "general.jsonl", [chat(f"general {i}", f"g {i}") for i in range(10)])
+    cfg = config(data={"replay": {"path": str(general), "fraction": 0.5}, "mix": {"strategy": "equal"}})
+    result = run_training(cfg, tiny, "mixed")
+    roles = {d.role for d in tiny.adapter("mixed").data}
+    assert roles == {"train", "replay"} and result.steps == 4
+
+
+def test_early_stopping_restores_the_best_checkpoint(tiny):
+    cfg = config(train={"steps": 30, "lr": 0.5, "schedule": "constant", "warmup": 0, "eval_every": 2, "early_stopping_patience": 2})
+    result = run_training(cfg, tiny, "es")
+    evals = [m for m in result.history if "val_loss" in m]
+    best = min(evals, key=lambda m: m["val_loss"])
+    print(f"\nstopped early: {result.stopped_early} after {result.steps} steps; best step {best['step']} val_loss {best['val_loss']:.3f}")
+    assert result.stopped_early and result.steps < 30
+    assert result.metrics["best_step"] == best["step"]
+    assert result.metrics["val_loss"] == pytest.approx(best["val_loss"], rel=1e-4)
+
+
+def test_the_test_split_is_held_out_from_training_and_validation(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [chat(f"question {i}", f"answer {i}") for i in range(50)])
+    prepared = prepare(DataSpec(files=[DataSource(path=path)], val=0.2, test=0.2), "sft", None)
+    lines = {name: {e.line for e in prepared.split(name)} for name in ("train", "val", "test")}
+    assert len(lines["test"]) == 10 and len(lines["val"]) == 10 and len(lines["train"]) == 30
+    assert not (lines["test"] & lines["train"]) and not (lines["test"] & lines["val"])
+
+
+def test_schedules(tiny):
+    from appliance.train.loop import schedule_factor
+
+    for kind in ("constant", "linear", "cosine"):
+        factors = [schedule_factor(s, 20, 4, kind) for s in range(20)]
+        assert factors[:4] == pytest.approx([0.2, 0.4, 0.6, 0.8]) and factors[4] == 1.0
+        assert (factors[-1] == 1.0) == (kind == "constant")
+
+
+def test_weight_decay_and_dropout_reach_the_optimizer_and_lora(tiny):
+    run = TrainingRun(config(train={"weight_decay": 0.1}, lora={"dropout": 0.2}), tiny, "wd")
+    run.setup()
+    assert all(g["weight_decay"] == 0.1 for g in run.optimizer.param_groups)
+    dropouts = [m for n, m in run.model.named_modules() if n.endswith("lora_dropout.default")]
+    assert dropouts and all(m.p == 0.2 for m in dropouts)
