@@ -52,9 +52,21 @@ def _fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
-def _disk_full(target: Path, err: OSError) -> ApplianceError:
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+# Writers in Rust (safetensors) report the OS error in their message rather than as an OSError.
+DISK_FULL_TEXT = re.compile(r"os error (28|27|122)\b|No space left on device|File too large|Disk quota exceeded")
+
+
+def is_disk_full(err: BaseException) -> bool:
+    if isinstance(err, OSError) and err.errno in DISK_FULL_ERRNOS:
+        return True
+    return bool(DISK_FULL_TEXT.search(str(err)))
+
+
+def disk_full_error(target: Path, err: BaseException) -> ApplianceError:
+    reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err).splitlines()[0]
     return ApplianceError(
-        f"Not enough disk space while writing {target} ({err.strerror}); nothing was changed.",
+        f"Not enough disk space while writing {target} ({reason}); nothing was changed.",
         f"free space on {target.parent} and run the command again",
     )
 
@@ -74,8 +86,8 @@ def atomic_write(path: Path, data: bytes | str, mode: int | None = None) -> Path
         os.replace(tmp, path)
     except OSError as err:
         tmp.unlink(missing_ok=True)
-        if err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-            raise _disk_full(path, err) from None
+        if is_disk_full(err):
+            raise disk_full_error(path, err) from None
         raise
     _fsync_dir(path.parent)
     return path
@@ -118,13 +130,10 @@ def atomic_dir(final: Path, *, overwrite: bool = False) -> Iterator[Path]:
         _fsync_dir(final.parent)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
-    except OSError as err:
+    except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
-        if err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-            raise _disk_full(final, err) from None
-        raise
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if not isinstance(err, ApplianceError) and is_disk_full(err):
+            raise disk_full_error(final, err) from None
         raise
 
 

@@ -142,14 +142,15 @@ def facts(smollm2_store, tmp_path_factory):
     return registry
 
 
-def serve_for_test(registry, model, adapters=(), port=8123, **options):
+def serve_for_test(registry, model, adapters=(), port=8123, api_key=None, **options):
     """A real vLLM server for `model` from `registry`; returns (server, endpoint). Stop it yourself."""
     from appliance.client import Endpoint
     from appliance.serve.command import build_spec, vllm_command, vllm_env
     from appliance.serve.process import VllmProcess
 
     spec = build_spec(registry, model, adapters, port=port, **options)
-    server = VllmProcess(vllm_command(spec), vllm_env(spec), registry.store.root / "logs" / f"test-{model}-{port}.log")
+    env = {**vllm_env(spec), **({"VLLM_API_KEY": api_key} if api_key else {})}
+    server = VllmProcess(vllm_command(spec), env, registry.store.root / "logs" / f"test-{model}-{port}.log")
     server.start()
     try:
         seconds = server.wait_healthy(spec.url)
@@ -157,7 +158,7 @@ def serve_for_test(registry, model, adapters=(), port=8123, **options):
         server.stop()
         raise
     print(f"\nvLLM up in {seconds:.0f} s for {spec.served_names}")
-    return server, Endpoint(spec.url)
+    return server, Endpoint(spec.url, api_key)
 
 
 def run_cli(*args: str, env: dict | None = None, timeout: float = 1800, input: str | None = None) -> subprocess.CompletedProcess:

@@ -130,6 +130,10 @@ def vllm_command(spec: ServeSpec) -> list[str]:
         "--port", str(spec.port),
         "--max-model-len", str(limit),
         "--generation-config", "auto",
+        # Closed by default: no CORS, no interactive docs, the API key on every path but /health.
+        "--allowed-origins", "[]",
+        "--disable-fastapi-docs",
+        "--middleware", "appliance.serve.auth.RequireKey",
     ]
     if spec.on_gpu:
         cmd += ["--dtype", "auto"]

@@ -26,7 +26,7 @@ from appliance.data.mix import MixturePlan
 from appliance.errors import ApplianceError, TrainingInterrupted
 from appliance.hardware import detect
 from appliance.registry import AdapterManifest, Registry
-from appliance.store import MANIFEST, atomic_dir, atomic_write, ensure_free_space, read_json
+from appliance.store import MANIFEST, atomic_dir, atomic_write, disk_full_error, ensure_free_space, is_disk_full, read_json
 from appliance.train import checkpoint as ckpt
 from appliance.train.events import (
     CheckpointSaved,
@@ -357,8 +357,14 @@ class TrainingRun:
 
     def _log(self, record: dict[str, Any]) -> None:
         self.history.append(record)
-        with open(self.run_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
+        path = self.run_dir / "metrics.jsonl"
+        try:
+            with open(path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as err:
+            if is_disk_full(err):
+                raise disk_full_error(path, err) from None
+            raise
 
     # -- the loop --------------------------------------------------------------------
 
