@@ -40,7 +40,11 @@ class ModelSpec(Spec):
     compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
         "auto", description="auto: bf16 where the device computes it natively, else float32 (fp16 on old GPUs)"
     )
-    gradient_checkpointing: bool = Field(True, description="recompute activations in backward: less memory, ~30 % more time")
+    gradient_checkpointing: bool | Literal["auto"] = Field(
+        "auto",
+        description="recompute activations in backward: less memory, ~30 % more time. auto: on for a GPU; "
+        "on CPU only when a batch's activations would take over a quarter of the free RAM",
+    )
     allow_remote_code: bool = Field(False, description="accept a model whose config.json names custom code (auto_map)")
 
 

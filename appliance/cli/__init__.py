@@ -50,11 +50,11 @@ def main() -> None:
 
 
 def _register() -> None:
-    from appliance.cli import adapters, client, data, evaluate, merge, models, quickstart, serve, service, train
+    from appliance.cli import adapters, bench, client, data, evaluate, merge, models, plan, quickstart, serve, service, train
 
     for group in (models.models, data.data):
         main.add_command(group)
-    for module in (quickstart, train, evaluate, merge, serve, service, adapters, client):
+    for module in (quickstart, plan, train, evaluate, merge, serve, service, adapters, client, bench):
         for command in module.commands:
             main.add_command(command)
 

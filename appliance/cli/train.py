@@ -108,19 +108,23 @@ def data_options(fn):
 @click.option("--save-every", type=int, help="checkpoint every N steps")
 @click.option("--eval-every", type=int, help="validation every N steps")
 @click.option("--layers", help="train adapters only on these layers: top:8, 0-11, 3,5,7")
+@click.option("--gpu", help='plan for this GPU profile ("RTX 3060", ...) instead of the one detected')
+@click.option("--fit", is_flag=True, help="when the plan does not fit the GPU, apply the cheapest change that does")
 @click.option("--resume", is_flag=True, help="continue from the newest checkpoint of this run")
 @click.option("--overwrite", is_flag=True, help="replace an adapter or run of the same name")
-def train(name, recipe, config_file, sets, resume, overwrite, **flags) -> None:
+def train(name, recipe, config_file, sets, gpu, fit, resume, overwrite, **flags) -> None:
     """Fine-tune a LoRA adapter on a 4-bit base (QLoRA) with a live dashboard.
 
     \b
     Examples:
       appliance train --model smollm2 --data facts.jsonl --name facts --steps 30
       appliance train --model smollm2 --data facts.jsonl --name facts --set lora.dropout=0.1 --resume
+    The run is planned first (`appliance plan`): one that will not fit the GPU is refused
+    with the plan's advice, or with --fit changed as little as fits.
     Ctrl-C saves a checkpoint and exits 130; the same command with --resume continues.
     """
     from appliance import ui
-    from appliance.config import load_run_config
+    from appliance.config import deep_merge, load_run_config
     from appliance.store import check_name
     from appliance.train.loop import run_training
 
@@ -130,13 +134,45 @@ def train(name, recipe, config_file, sets, resume, overwrite, **flags) -> None:
         from appliance.data.load import load_file
 
         recipe = RECIPE_FOR_TASK[task_for_format(load_file(Path(parse_data_arg(flags["data"][0])["path"])).format)]
-    cfg = load_run_config(recipe, config_file, sets, flag_overrides(**flags))
+    overrides = flag_overrides(**flags)
+    cfg = load_run_config(recipe, config_file, sets, overrides)
+    fitted = fit_to_gpu(cfg, gpu, fit)
+    if fitted is not None:
+        cfg = load_run_config(recipe, config_file, sets, deep_merge(overrides, fitted))
     ui.console.print(f"[dim]recipe {cfg.recipe} · task {cfg.task} · resolved config saved in the run folder[/]")
     with ui.Dashboard() as dashboard:
         result = run_training(cfg, registry(), name, resume=resume, overwrite=overwrite, events=dashboard)
     figures = "  ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in result.metrics.items())
     ui.console.print(f"[green]adapter saved[/] {result.adapter} → {result.adapter_dir}\n  {figures}  ({ui.duration(result.elapsed_s)})")
     ui.console.print(f"next: [bold]appliance merge {result.adapter}[/]  or  [bold]appliance serve {cfg.model.name} --adapter {result.adapter}[/]")
+
+
+def fit_to_gpu(cfg, gpu: str | None, fit: bool) -> dict | None:
+    """Plan the run; refuse one that does not fit, or return the config changes --fit applies."""
+    from appliance import ui
+    from appliance.errors import ApplianceError
+    from appliance.plan import plan_run
+
+    result = plan_run(cfg, registry(), gpu, steps=cfg.train.steps or 1)
+    if result is None:
+        ui.console.print("[dim]plan: no GPU here, memory not planned (--gpu NAME plans for a card)[/]")
+        return None
+    e = result.estimate
+    if e.fits:
+        ui.console.print(f"[dim]plan: {e.total_gib:.1f} of {e.gpu_gib:g} GiB on the {e.gpu}[/]")
+        return None
+    advice = [f"  {r.description}: {r.total_gib:.1f} GiB{' (fits)' if r.fits else ''}" for r in result.recommendations]
+    choice = result.cheapest_fit
+    if not fit or choice is None:
+        raise ApplianceError(
+            f"This run needs about {e.total_gib:.1f} GiB on the {e.gpu}, which has {e.gpu_gib:g} GiB. What would lower it:",
+            "rerun with --fit to apply the cheapest change that fits, or make one of these changes yourself"
+            if choice
+            else "no single change fits: combine them, or plan a smaller model (appliance plan)",
+            details=advice,
+        )
+    ui.warn(f"--fit: {choice.description}; planned {choice.total_gib:.1f} of {e.gpu_gib:g} GiB on the {e.gpu}")
+    return choice.config_overrides()
 
 
 commands = [train]

@@ -40,6 +40,7 @@ from appliance.train.events import (
 )
 from appliance.train.model import (
     attach_lora,
+    checkpointing_for,
     compute_dtype,
     load_base,
     load_tokenizer,
@@ -157,11 +158,16 @@ class TrainingRun:
             )
 
     def setup(self) -> None:
-        cfg = self.cfg
+        """Model, data, optimizer: everything the loop needs, on this object."""
         self.check_names()
         quiet_libraries()
-        import torch
+        self.resolve_model()
+        self.prepare_run_dir()
+        self.data: PreparedData = self.load_data()
+        self.build()
 
+    def resolve_model(self) -> None:
+        cfg = self.cfg
         self.model_manifest = self.registry.model(cfg.model.name or "")
         if self.model_manifest.task != "causal-lm":
             raise ApplianceError(f"{self.model_manifest.name} is a classifier, not a language model.", "train from a base model")
@@ -170,6 +176,7 @@ class TrainingRun:
         self.device = resolve_device(cfg.train.device, self.hw)
         self.dtype = compute_dtype(cfg.model, self.device, self.hw)
 
+    def prepare_run_dir(self) -> None:
         if self.resume:
             self._check_resume_config()
         elif self.overwrite and self.run_dir.exists():
@@ -177,22 +184,32 @@ class TrainingRun:
 
             shutil.rmtree(self.run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write(self.run_dir / "config.yaml", cfg.to_yaml())
+        atomic_write(self.run_dir / "config.yaml", self.cfg.to_yaml())
 
+    def load_data(self) -> PreparedData:
+        cfg = self.cfg
         self.tokenizer = load_tokenizer(self.model_dir)
-        self.data: PreparedData = prepare(cfg.data, cfg.task, self.tokenizer, model_name=self.model_manifest.name)
-        for leak in self.data.report.leaks[:3]:
+        data = prepare(cfg.data, cfg.task, self.tokenizer, model_name=self.model_manifest.name)
+        for leak in data.report.leaks[:3]:
             self.emit(Note(f"leakage: a prompt appears in {' and '.join(leak.splits)}: {leak.prompt[:80]!r}", "warning"))
-        if self.data.report.overlong:
+        if data.report.overlong:
             action = "dropped" if cfg.data.overlong == "drop" else "truncated"
-            self.emit(Note(f"{self.data.report.overlong} example(s) longer than seq_len={cfg.data.seq_len} were {action}", "warning"))
+            self.emit(Note(f"{data.report.overlong} example(s) longer than seq_len={cfg.data.seq_len} were {action}", "warning"))
+        return data
 
+    def pad_id(self) -> int:
+        return self.tokenizer.pad_token_id
+
+    def build(self) -> None:
+        import torch
+
+        cfg = self.cfg
         torch.manual_seed(cfg.train.seed)
         started = time.time()
         self.model = self._build_model()
         self.load_s = time.time() - started
         self.adapter_params = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
-        self.objective: Objective = objective_for(cfg.task, self.tokenizer.pad_token_id, cfg.train.packing, cfg)
+        self.objective: Objective = objective_for(cfg.task, self.pad_id(), cfg.train.packing, cfg)
         if self.data.mixture is not None:
             replay = cfg.data.replay.fraction if cfg.data.replay else 0.0
             self.plan = MixturePlan(self.data.mixture, cfg.train.batch_size, cfg.train.seed, examples_per_epoch(self.data, replay))
@@ -205,7 +222,13 @@ class TrainingRun:
         self.val_batches = self._batches_of(self.data.val)
 
     def _build_model(self):
-        model = load_base(self.model_dir, self.cfg.model, self.device, self.dtype, task=self.cfg.task, labels=self.data.labels)
+        cfg = self.cfg
+        rows = cfg.train.batch_size * (2 if cfg.task == "dpo" else 1)  # a DPO example is two sequences
+        checkpointing, why = checkpointing_for(cfg.model, cfg.lora, self.device, self.dtype, self.model_dir, rows * cfg.data.seq_len)
+        self.emit(Note(f"gradient checkpointing {'on' if checkpointing else 'off'} ({why})"))
+        self.gradient_checkpointing = checkpointing
+        spec = cfg.model.model_copy(update={"gradient_checkpointing": checkpointing})
+        model = load_base(self.model_dir, spec, self.device, self.dtype, task=cfg.task, labels=self.data.labels)
         return attach_lora(model, self.cfg.lora, task=self.cfg.task)
 
     # -- gradual unfreezing ------------------------------------------------------------

@@ -109,9 +109,40 @@ def load_base(model_dir: Path, spec: ModelSpec, device: str, dtype, *, task: str
         # gradients after a validation pass would be silently wrong. Keep the trainable layout.
         if hasattr(module, "support_avx512bf16_for_cpu"):
             module.support_avx512bf16_for_cpu = False
+    if spec.gradient_checkpointing == "auto":
+        raise ValueError("resolve gradient_checkpointing 'auto' first (checkpointing_for)")
     if spec.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
+
+
+# On CPU, time runs out before memory: recomputing activations only pays when keeping them
+# would take a large share of the RAM.
+CPU_ACTIVATION_SHARE = 0.25
+
+
+def checkpointing_for(spec: ModelSpec, lora: LoraSpec, device: str, dtype, model_dir: Path, tokens: int) -> tuple[bool, str]:
+    """Resolve model.gradient_checkpointing ('auto' or a bool) for a micro-batch of `tokens` tokens."""
+    if spec.gradient_checkpointing != "auto":
+        return spec.gradient_checkpointing, "set in the config"
+    if device == "cuda":
+        return True, "auto: on a GPU, memory is what runs out"
+    import json
+
+    import psutil
+
+    from appliance.plan import TrainSettings, layer_activation_bytes, shape_from_config
+
+    try:
+        shape = shape_from_config(model_dir.name, json.loads((model_dir / "config.json").read_text(encoding="utf-8")))
+    except (ApplianceError, OSError, ValueError):
+        return True, "auto: the model's shapes are unknown, so memory is saved"
+    settings = TrainSettings(rank=lora.rank, target_modules=lora.target_modules, gradient_checkpointing=False)
+    scale = dtype.itemsize / 2  # the planner counts a 16-bit stream
+    need = tokens * shape.num_hidden_layers * layer_activation_bytes(shape, settings, "appliance") * scale
+    free = psutil.virtual_memory().available
+    on = need > CPU_ACTIVATION_SHARE * free
+    return on, f"auto: a micro-batch's activations ≈ {need / 2**30:.1f} GiB against {free / 2**30:.0f} GiB of free RAM"
 
 
 def num_layers(model: Any) -> int:
