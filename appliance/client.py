@@ -10,7 +10,8 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass
-from typing import Any, Iterator
+from pathlib import Path
+from typing import Any, Callable, Iterator
 
 from appliance.errors import ApplianceError
 
@@ -142,3 +143,167 @@ def stream_chat(
                 yield chunk.choices[0].delta.content
     except openai.OpenAIError as err:
         raise _translate(err, endpoint, model) from None
+
+
+# -- the serving benchmark ----------------------------------------------------------------
+
+# Varied lengths of question, as a chat user asks them.
+SERVE_PROMPTS = [
+    "What is the capital of France?",
+    "Write a haiku about autumn leaves.",
+    "Explain in two sentences why the sky is blue.",
+    "List three uses of a paperclip.",
+    "What is 17 times 23? Show the steps.",
+    "Give me a short tip for learning a new language.",
+    "Summarise the plot of Romeo and Juliet in one paragraph.",
+    "Translate 'good morning, how are you?' into Spanish.",
+]
+
+
+@dataclass
+class RequestTiming:
+    ttft_s: float | None  # time to the first content token
+    total_s: float
+    output_tokens: int
+    error: str | None = None
+
+
+def _timed_request(endpoint, model: str, prompt: str, max_tokens: int) -> RequestTiming:
+    import openai
+
+    start = time.perf_counter()
+    first, tokens = None, 0
+    try:
+        stream = sdk(endpoint).chat.completions.create(
+            model=model,
+            messages=[{"role": "user", "content": prompt}],
+            max_tokens=max_tokens,
+            temperature=0.0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+        for chunk in stream:
+            if first is None and chunk.choices and chunk.choices[0].delta.content:
+                first = time.perf_counter() - start
+            if chunk.usage:
+                tokens = chunk.usage.completion_tokens
+    except openai.OpenAIError as err:
+        return RequestTiming(None, time.perf_counter() - start, 0, f"{type(err).__name__}: {err}")
+    return RequestTiming(first, time.perf_counter() - start, tokens)
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
+
+
+def load_test(endpoint, model: str, concurrency: int, requests: int, max_tokens: int) -> dict[str, Any]:
+    """`requests` streamed chat requests, `concurrency` at a time."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    prompts = [SERVE_PROMPTS[i % len(SERVE_PROMPTS)] for i in range(requests)]
+    start = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=concurrency) as pool:
+        timings = list(pool.map(lambda p: _timed_request(endpoint, model, p, max_tokens), prompts))
+    wall = time.perf_counter() - start
+    ok = [t for t in timings if t.error is None]
+    ttft = [t.ttft_s for t in ok if t.ttft_s is not None]
+    latency = [t.total_s for t in ok]
+    rnd = lambda v, n=3: None if v is None else round(v, n)  # noqa: E731
+    return {
+        "model": model,
+        "concurrency": concurrency,
+        "requests": requests,
+        "max_tokens": max_tokens,
+        "errors": len(timings) - len(ok),
+        "first_error": next((t.error for t in timings if t.error), None),
+        "wall_s": round(wall, 2),
+        "requests_per_s": round(len(ok) / wall, 3),
+        "output_tok_per_s": round(sum(t.output_tokens for t in ok) / wall, 1),
+        "ttft_p50_s": rnd(percentile(ttft, 50)),
+        "ttft_p95_s": rnd(percentile(ttft, 95)),
+        "latency_p50_s": rnd(percentile(latency, 50)),
+        "latency_p95_s": rnd(percentile(latency, 95)),
+    }
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def time_swap(endpoint, registry, adapter: str) -> dict[str, Any]:
+    """Load `adapter` into the running server and wait for its first token (unloading it first if loaded)."""
+    from appliance.serve import adapters
+
+    was_loaded = adapter in adapters.served(endpoint, registry).adapters
+    if was_loaded:
+        adapters.unload(endpoint, registry, adapter)
+    start = time.perf_counter()
+    load_s = adapters.load(endpoint, registry, adapter)
+    asked = time.perf_counter()
+    first = _timed_request(endpoint, adapter, SERVE_PROMPTS[0], 8)
+    if first.error:
+        raise ApplianceError(f"The adapter {adapter!r} was loaded but its first request failed: {first.error}", "see the server's log")
+    to_first = asked - start + (first.ttft_s or first.total_s)
+    return {"adapter": adapter, "load_s": round(load_s, 3), "to_first_token_s": round(to_first, 3), "was_loaded": was_loaded}
+
+
+def time_restart(registry, base: str, adapter: str | None, log_dir: Path) -> dict[str, Any]:
+    """What a restart costs instead: a fresh server of the same model (and adapter), from launch to first token.
+
+    It runs beside the benchmarked one on a free port and is stopped afterwards, so the
+    endpoint under test is never interrupted.
+    """
+    from appliance.serve.command import build_spec, vllm_command, vllm_env
+    from appliance.serve.process import VllmProcess
+
+    spec = build_spec(registry, base, [adapter] if adapter else [], port=_free_port())
+    start = time.perf_counter()
+    with VllmProcess(vllm_command(spec), vllm_env(spec), log_dir / f"bench-restart-{spec.port}.log") as server:
+        healthy_s = server.wait_healthy(spec.url)
+        asked = time.perf_counter()
+        first = _timed_request(Endpoint(spec.url), adapter or base, SERVE_PROMPTS[0], 8)
+        if first.error:
+            raise ApplianceError(f"The fresh server answered with an error: {first.error}", f"see {server.log_path}")
+        to_first = asked - start + (first.ttft_s or first.total_s)
+    return {"healthy_s": round(healthy_s, 1), "to_first_token_s": round(to_first, 1)}
+
+
+def bench_serve(
+    endpoint,
+    registry,
+    *,
+    model: str | None = None,
+    adapter: str | None = None,
+    concurrency: int = 4,
+    requests: int = 32,
+    max_tokens: int = 64,
+    restart: bool = True,
+    progress: Callable[[str], None] = lambda _: None,
+) -> dict[str, Any]:
+    from appliance.serve.adapters import served
+
+    result: dict[str, Any] = {"url": endpoint.url}
+    if adapter:
+        progress(f"swapping in the adapter {adapter}")
+        result["swap"] = time_swap(endpoint, registry, adapter)
+    target = adapter or model or default_model(endpoint)
+    progress(f"{requests} requests to {target}, {concurrency} at a time")
+    result["load"] = load_test(endpoint, target, concurrency, requests, max_tokens)
+    if restart:
+        now = served(endpoint, registry)
+        if now.base is None:
+            result["restart"] = None
+            result["notes"] = [f"restart not timed: the server runs {now.base_id!r}, not a model of this store"]
+        else:
+            progress(f"timing a fresh server of {now.base.name} (what a restart costs)")
+            result["restart"] = time_restart(registry, now.base.name, adapter, registry.store.root / "logs")
+            if adapter:
+                result["swap_vs_restart"] = round(result["restart"]["to_first_token_s"] / max(result["swap"]["to_first_token_s"], 1e-3), 1)
+    return result

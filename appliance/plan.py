@@ -694,6 +694,19 @@ def load_measurements(folder: Path | None = None) -> list[Measurement]:
     return found
 
 
+def save_result(kind: str, payload: dict[str, Any], env: dict[str, Any], records: list[dict[str, Any]] = (), folder: Path | None = None) -> Path:
+    """bench/results/<kind>-<gpu|cpu>-<time>.json: the machine (hardware.describe()), a benchmark's output,
+    and the measurements `load_measurements` will read from it."""
+    import datetime as dt
+
+    from appliance.store import atomic_write_json
+
+    folder = folder or Path(__file__).resolve().parent.parent / "bench" / "results"
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    device = "gpu" if env["gpu"] else "cpu"
+    return atomic_write_json(folder / f"{kind}-{device}-{stamp}.json", {**env, kind: payload, "measurements": list(records)})
+
+
 def flops_per_token(shape: ModelShape, settings: TrainSettings) -> float:
     """Matmul FLOPs of one trained token: forward, backward and recompute.
 

@@ -127,6 +127,31 @@ def _unit_policy(unit: str) -> dict:
     }
 
 
+def test_bench_serve_measures_load_swap_and_restart(server, facts):
+    """`appliance bench serve` on the live server: figures are real, and the server is left as it was."""
+    import json
+
+    from conftest import run_cli
+
+    proc = run_cli(
+        "bench", "serve", "--url", server.url, "--api-key", KEY, "--adapter", "facts",
+        "--requests", "8", "--concurrency", "4", "--max-tokens", "16", "--json",
+        env={"APPLIANCE_HOME": str(facts.store.root)},
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    result = json.loads(proc.stdout)
+    print(json.dumps(result, indent=1))
+    load = result["load"]
+    assert load["model"] == "facts" and load["errors"] == 0
+    assert load["requests_per_s"] > 0 and load["output_tok_per_s"] > 0
+    assert 0 < load["ttft_p50_s"] <= load["ttft_p95_s"] <= load["latency_p95_s"]
+    assert result["swap"]["was_loaded"] and result["swap"]["to_first_token_s"] > 0
+    assert result["restart"]["to_first_token_s"] > result["restart"]["healthy_s"] > 0
+    assert result["swap_vs_restart"] > 1  # swapping a domain beats restarting for it
+    models = httpx.get(f"{server.url}/v1/models", headers={"Authorization": f"Bearer {KEY}"}, timeout=30).json()
+    assert {m["id"] for m in models["data"]} >= {"smollm2", "facts"}
+
+
 class Supervisor:
     """systemd's Restart= logic for one unit, enough to show the policy at work (systemd itself is
     never booted in tests): on-failure restarts after an unclean exit — a non-zero code, or a signal

