@@ -229,12 +229,13 @@ def load_test(endpoint, model: str, concurrency: int, requests: int, max_tokens:
     }
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def _seconds_to_first_token(endpoint: Endpoint, model: str, since: float, failure: str, fix: str) -> float:
+    """Ask `model` one short question; seconds from `since` (a perf_counter reading) to its first token."""
+    asked = time.perf_counter()
+    first = _timed_request(endpoint, model, SERVE_PROMPTS[0], 8)
+    if first.error:
+        raise ApplianceError(f"{failure}: {first.error}", fix)
+    return asked - since + (first.ttft_s or first.total_s)
 
 
 def time_swap(endpoint, registry, adapter: str) -> dict[str, Any]:
@@ -246,12 +247,11 @@ def time_swap(endpoint, registry, adapter: str) -> dict[str, Any]:
         adapters.unload(endpoint, registry, adapter)
     start = time.perf_counter()
     load_s = adapters.load(endpoint, registry, adapter)
-    asked = time.perf_counter()
-    first = _timed_request(endpoint, adapter, SERVE_PROMPTS[0], 8)
-    if first.error:
-        raise ApplianceError(f"The adapter {adapter!r} was loaded but its first request failed: {first.error}", "see the server's log")
-    to_first = asked - start + (first.ttft_s or first.total_s)
+    to_first = _seconds_to_first_token(endpoint, adapter, start, f"The adapter {adapter!r} was loaded but its first request failed", "see the server's log")
     return {"adapter": adapter, "load_s": round(load_s, 3), "to_first_token_s": round(to_first, 3), "was_loaded": was_loaded}
+
+
+RESTART_PORT = 8190  # the fresh server of `time_restart` takes this port, or the next free one
 
 
 def time_restart(registry, base: str, adapter: str | None, log_dir: Path) -> dict[str, Any]:
@@ -261,17 +261,13 @@ def time_restart(registry, base: str, adapter: str | None, log_dir: Path) -> dic
     endpoint under test is never interrupted.
     """
     from appliance.serve.command import build_spec, vllm_command, vllm_env
-    from appliance.serve.process import VllmProcess
+    from appliance.serve.process import VllmProcess, free_port
 
-    spec = build_spec(registry, base, [adapter] if adapter else [], port=_free_port())
+    spec = build_spec(registry, base, [adapter] if adapter else [], port=free_port(RESTART_PORT))
     start = time.perf_counter()
     with VllmProcess(vllm_command(spec), vllm_env(spec), log_dir / f"bench-restart-{spec.port}.log") as server:
         healthy_s = server.wait_healthy(spec.url)
-        asked = time.perf_counter()
-        first = _timed_request(Endpoint(spec.url), adapter or base, SERVE_PROMPTS[0], 8)
-        if first.error:
-            raise ApplianceError(f"The fresh server answered with an error: {first.error}", f"see {server.log_path}")
-        to_first = asked - start + (first.ttft_s or first.total_s)
+        to_first = _seconds_to_first_token(Endpoint(spec.url), adapter or base, start, "The fresh server answered with an error", f"see {server.log_path}")
     return {"healthy_s": round(healthy_s, 1), "to_first_token_s": round(to_first, 1)}
 
 

@@ -668,10 +668,13 @@ class Measurement(BaseModel):
     notes: str = ""
 
 
+REPO_RESULTS = Path(__file__).resolve().parent.parent / "bench" / "results"  # where `--save` writes
+WHEEL_RESULTS = Path(__file__).resolve().parent / "bench_results"  # the same files, packed into the wheel
+
+
 def results_dir() -> Path | None:
     """Saved measurements: inside the installed wheel, else the repository's bench/results."""
-    here = Path(__file__).resolve().parent
-    for candidate in (here / "bench_results", here.parent / "bench" / "results"):
+    for candidate in (WHEEL_RESULTS, REPO_RESULTS):
         if candidate.is_dir():
             return candidate
     return None
@@ -701,7 +704,7 @@ def save_result(kind: str, payload: dict[str, Any], env: dict[str, Any], records
 
     from appliance.store import atomic_write_json
 
-    folder = folder or Path(__file__).resolve().parent.parent / "bench" / "results"
+    folder = folder or REPO_RESULTS
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     device = "gpu" if env["gpu"] else "cpu"
     return atomic_write_json(folder / f"{kind}-{device}-{stamp}.json", {**env, kind: payload, "measurements": list(records)})

@@ -8,7 +8,6 @@ Every step is the same function the CLI commands call.
 from __future__ import annotations
 
 import json
-import socket
 import time
 from dataclasses import dataclass, field
 from importlib import resources
@@ -28,17 +27,6 @@ def demo_file(name: str) -> Path:
 
 def demo_questions() -> list[dict]:
     return json.loads(demo_file("questions.json").read_text())
-
-
-def free_port(preferred: int) -> int:
-    for port in [preferred, *range(preferred + 1, preferred + 50)]:
-        with socket.socket() as sock:
-            try:
-                sock.bind(("127.0.0.1", port))
-                return port
-            except OSError:
-                continue
-    raise RuntimeError("no free port")
 
 
 @dataclass
@@ -80,6 +68,7 @@ def run_quickstart(
     from appliance.config import load_run_config
     from appliance.merge import merge_adapter
     from appliance.models import import_model
+    from appliance.serve.process import free_port
     from appliance.train.events import ignore
     from appliance.train.loop import run_training
 

@@ -59,6 +59,18 @@ def port_owner(port: int) -> str | None:
     return None
 
 
+def free_port(preferred: int) -> int:
+    """`preferred`, or the first free port among the 49 after it, on 127.0.0.1."""
+    for port in range(preferred, preferred + 50):
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+                return port
+            except OSError:
+                continue
+    raise ApplianceError(f"Ports {preferred} to {preferred + 49} on 127.0.0.1 are all in use.", "free one, or choose another with --port")
+
+
 def check_port(host: str, port: int) -> None:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as sock:

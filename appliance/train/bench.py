@@ -56,10 +56,13 @@ def shape_folder(shape: str, cache: Path) -> Path:
         max_position_embeddings=s.max_position_embeddings,
         rope_theta=500000.0,
     )
+    from appliance.store import atomic_dir
+
     device = "cuda" if torch.cuda.is_available() else "cpu"
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-    model.save_pretrained(path, max_shard_size="5GB")
+    with atomic_dir(path, overwrite=True) as tmp:  # a run stopped while saving leaves no half folder to reuse
+        model.save_pretrained(tmp, max_shard_size="5GB")
     return path
 
 
