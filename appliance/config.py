@@ -45,7 +45,24 @@ class ModelSpec(Spec):
         description="recompute activations in backward: less memory, ~30 % more time. auto: on for a GPU; "
         "on CPU only when a batch's activations would take over a quarter of the free RAM",
     )
+    offload_activations: bool = Field(
+        False,
+        description="keep the inputs gradient checkpointing saves in CPU memory, not on the GPU: frees "
+        "layers × tokens × hidden of GPU memory for a copy each way per layer (no effect on CPU)",
+    )
+    mlp_tile_tokens: int | None = Field(
+        None,
+        ge=64,
+        description="compute each MLP over at most this many tokens at a time and recompute it tile by tile "
+        "in backward: caps the MLP's memory for long sequences, for one more MLP forward",
+    )
     allow_remote_code: bool = Field(False, description="accept a model whose config.json names custom code (auto_map)")
+
+    @model_validator(mode="after")
+    def _offload_needs_checkpointing(self) -> "ModelSpec":
+        if self.offload_activations and self.gradient_checkpointing is False:
+            raise ValueError("offload_activations moves what gradient checkpointing saves: set gradient_checkpointing to auto or true")
+        return self
 
 
 class LoraSpec(Spec):
@@ -54,6 +71,11 @@ class LoraSpec(Spec):
     dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the adapter input (regularisation)")
     target_modules: list[str] | Literal["all-linear"] = Field(
         "all-linear", description="'all-linear' or module names such as [q_proj, v_proj]"
+    )
+    shared_inputs: bool = Field(
+        True,
+        description="keep each adapted layer's input for backward as the base layer reads it (shared by q, k and v), "
+        "not as an fp32 copy per layer: same gradients, less memory (plain LoRA without dropout; false: peft's own forward)",
     )
     layers: str | None = Field(
         None,

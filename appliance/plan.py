@@ -52,7 +52,9 @@ ALLOCATOR_SLACK = 0.10
 SEQ_STEP = 128  # max_seq_len is a multiple of this (or the whole context)
 MIN_RANK = 8  # the smallest rank the advice goes down to; vLLM serves 8, 16, 32, 64, ...
 ATTENTION_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj"]
-LINEAR_MODULES = [*ATTENTION_MODULES, "gate_proj", "up_proj", "down_proj"]
+MLP_MODULES = ["gate_proj", "up_proj", "down_proj"]
+LINEAR_MODULES = [*ATTENTION_MODULES, *MLP_MODULES]
+MLP_TILE_TOKENS = 2048  # the tile the advice suggests: big enough to keep a GPU's matmuls efficient
 # Linear layers that read the same input tensor (in a fp32 stream, LoRA keeps that one tensor).
 MODULE_INPUT = {
     "q_proj": "attention input",
@@ -282,6 +284,8 @@ class TrainSettings(BaseModel):
     double_quant: bool = _default(ModelSpec, "double_quant")
     gradient_checkpointing: bool = Field(True, description="model.gradient_checkpointing 'auto' is on for a GPU")
     offload_activations: bool = Field(False, description="keep the checkpointed layer inputs in CPU memory")
+    lora_shared_inputs: bool = Field(_default(LoraSpec, "shared_inputs"), description="LoRA keeps the base layer's input, not an fp32 copy")
+    mlp_tile_tokens: int | None = Field(None, description="compute each MLP over this many tokens at a time")
     optimizer: Optimizer = Field("paged_adamw_8bit", description="what train.optimizer 'auto' picks on CUDA")
 
 
@@ -293,9 +297,12 @@ CONFIG_PATHS = {
     "grad_accum": "train.grad_accum",
     "rank": "lora.rank",
     "target_modules": "lora.target_modules",
+    "lora_shared_inputs": "lora.shared_inputs",
     "load_in_4bit": "model.load_in_4bit",
     "double_quant": "model.double_quant",
     "gradient_checkpointing": "model.gradient_checkpointing",
+    "offload_activations": "model.offload_activations",
+    "mlp_tile_tokens": "model.mlp_tile_tokens",
     "optimizer": "train.optimizer",
 }
 
@@ -311,6 +318,8 @@ def settings_from_config(cfg: RunConfig) -> TrainSettings:
         values["gradient_checkpointing"] = True
     if values["optimizer"] == "auto":
         values["optimizer"] = "paged_adamw_8bit"
+    if cfg.lora.dropout > 0:  # dropout's mask would have to be kept: peft's own forward runs (appliance.train.lora)
+        values["lora_shared_inputs"] = False
     return TrainSettings(**values)
 
 
@@ -377,36 +386,61 @@ def _kept_parameters(shape: ModelShape) -> int:
     return matrices * shape.vocab_size * shape.hidden_size + (2 * shape.num_hidden_layers + 1) * shape.hidden_size
 
 
+def _lora_kept_bytes(shape: ModelShape, settings: TrainSettings, loop: Loop, modules: list[str]) -> float:
+    """Bytes per token LoRA keeps for backward on those of `modules` it adapts."""
+    targets = [m for m in lora_targets(settings) if m in modules]
+    shapes = shape.linear_shapes()
+    a = _stream_bytes(settings, loop)
+    if a == 4 or (loop == "appliance" and settings.lora_shared_inputs):
+        # Each LoRA matmul keeps the layer's own input tensor, shared by the layers that read it
+        # (a fp32 stream needs no cast; appliance.train.lora keeps a 16-bit input uncast).
+        kept = a * sum({MODULE_INPUT[m]: shapes[m][0] for m in targets}.values())
+    else:
+        # bf16 stream: peft casts the input to the adapter's fp32 once per adapted layer, and keeps each copy.
+        kept = 4 * sum(shapes[m][0] for m in targets)
+    return kept + 4 * settings.rank * len(targets)  # lora_A outputs, for lora_B's weight gradient
+
+
+def mlp_activation_bytes(shape: ModelShape, settings: TrainSettings, loop: Loop) -> float:
+    """Bytes per token one MLP keeps for backward: gate, up and silu(gate) (the SwiGLU
+    product's inputs), and LoRA's."""
+    return 3 * _stream_bytes(settings, loop) * shape.intermediate_size + _lora_kept_bytes(shape, settings, loop, MLP_MODULES)
+
+
 def layer_activation_bytes(shape: ModelShape, settings: TrainSettings, loop: Loop) -> float:
     """Bytes per token one decoder layer keeps for its backward pass (with LoRA on its targets).
 
     Frozen base matmuls keep nothing (no weight gradient), so what stays is the elementwise
     work around them and LoRA's inputs.
     """
-    a = _stream_bytes(settings, loop)
-    h, attn, inter = shape.hidden_size, shape.attention_width, shape.intermediate_size
+    a, h = _stream_bytes(settings, loop), shape.hidden_size
     kept = 2 * 4 * h  # each RMSNorm keeps its input upcast to fp32
     # q and k after RoPE, k and v repeated to every head, the attention output, fp32 log-sum-exp
-    kept += 4 * a * attn + 4 * shape.num_attention_heads
-    kept += 3 * a * inter  # gate, up and silu(gate): the SwiGLU product's inputs
-    targets = lora_targets(settings)
-    shapes = shape.linear_shapes()
-    if a == 4:
-        # fp32 stream: each LoRA matmul keeps the layer's own fp32 input tensor, shared by layers that read it.
-        inputs = {MODULE_INPUT[m]: shapes[m][0] for m in targets}
-        kept += 4 * sum(inputs.values())
-    else:
-        # bf16 stream: peft casts the input to the adapter's fp32 once per adapted layer, and keeps each copy.
-        kept += 4 * sum(shapes[m][0] for m in targets)
-    kept += 4 * settings.rank * len(targets)  # lora_A outputs, for lora_B's weight gradient
-    return kept
+    kept += 4 * a * shape.attention_width + 4 * shape.num_attention_heads
+    kept += _lora_kept_bytes(shape, settings, loop, ATTENTION_MODULES)
+    return kept + mlp_activation_bytes(shape, settings, loop)
 
 
-def _backward_bytes(shape: ModelShape, settings: TrainSettings, loop: Loop) -> float:
-    """Bytes per token of gradients in flight through one layer: the widest are the MLP's
-    (the fp32 gradient of LoRA's input copy, two of the stream's) plus the residual gradient."""
-    a = _stream_bytes(settings, loop)
-    return 4 * shape.intermediate_size + 2 * a * shape.intermediate_size + (a + 4) * shape.hidden_size
+def _mlp_backward_bytes(shape: ModelShape, settings: TrainSettings, loop: Loop) -> float:
+    """Bytes per token of the MLP's gradients in flight, the widest of a layer's backward:
+    the fp32 gradient of LoRA's input copy and two of the stream's."""
+    return (4 + 2 * _stream_bytes(settings, loop)) * shape.intermediate_size
+
+
+def _attention_backward_bytes(shape: ModelShape, settings: TrainSettings, loop: Loop) -> float:
+    """Bytes per token of attention's gradients in flight: q, k and v (k and v repeated to every
+    head) and the fp32 gradient of LoRA's input copy. Narrower than the MLP's, so it sets the
+    peak only once the MLP is tiled."""
+    return 3 * _stream_bytes(settings, loop) * shape.attention_width + 4 * shape.hidden_size
+
+
+def _residual_backward_bytes(shape: ModelShape, settings: TrainSettings, loop: Loop) -> float:
+    return (_stream_bytes(settings, loop) + 4) * shape.hidden_size
+
+
+def _tiled(settings: TrainSettings) -> bool:
+    """Whether the MLP runs in more than one tile (a shorter micro-batch is one tile: untiled)."""
+    return settings.mlp_tile_tokens is not None and settings.mlp_tile_tokens < _rows(settings) * settings.seq_len
 
 
 def chunk_rows(vocab_size: int) -> int:
@@ -481,16 +515,26 @@ def estimate(shape: ModelShape, gpu: GpuProfile, settings: TrainSettings, loop: 
         kind = "8-bit" if s.optimizer == "adamw_8bit" else "fp32"
         parts["optimizer_states"] = Part(gib=states, what=f"AdamW, two {kind} states per LoRA parameter")
 
-    layer = tokens * layer_activation_bytes(shape, s, loop)
+    # What a block keeps for all its tokens, and what its backward holds beyond that.
+    block = tokens * layer_activation_bytes(shape, s, loop)
+    transient = tokens * _residual_backward_bytes(shape, s, loop)
+    if _tiled(s):
+        # The tiled MLP keeps only its input; one tile at a time is recomputed and backpropagated.
+        block += tokens * (a * h - mlp_activation_bytes(shape, s, loop))
+        mlp_tile = s.mlp_tile_tokens * (mlp_activation_bytes(shape, s, loop) + _mlp_backward_bytes(shape, s, loop))
+        transient += max(mlp_tile, tokens * _attention_backward_bytes(shape, s, loop))
+        mlp_what = f", MLPs {s.mlp_tile_tokens} tokens at a time"
+    else:
+        transient += tokens * _mlp_backward_bytes(shape, s, loop)
+        mlp_what = ""
     if s.gradient_checkpointing:
         stored, stored_what = tokens * a * h * layers, f"each block's input, kept for the recompute ({layers} × {tokens} tokens × {h})"
         if s.offload_activations:
             stored, stored_what = 0.0, f"block inputs offloaded to CPU memory ({tokens * a * h * layers / GIB:.2f} GiB there)"
-        in_backward, backward_what = layer, "one block recomputed in backward"
+        in_backward, backward_what = block + transient, f"one block recomputed in backward{mlp_what}"
     else:
-        stored, stored_what = layers * layer, f"all {layers} blocks' activations"
-        in_backward, backward_what = 0.0, "none recomputed"
-    in_backward += tokens * _backward_bytes(shape, s, loop)
+        stored, stored_what = layers * block, f"all {layers} blocks' activations{mlp_what}"
+        in_backward, backward_what = transient, "none recomputed"
     if s.load_in_4bit:
         # bitsandbytes dequantizes a layer's weight to bf16 for each matmul.
         in_backward += 2 * max(i * o for i, o in shape.linear_shapes().values())
@@ -623,8 +667,16 @@ def _candidates(shape: ModelShape, gpu: GpuProfile, s: TrainSettings) -> list[tu
         out.append((f"LoRA rank {rank} (learns less than {s.rank})", {"rank": rank}))
     if set(lora_targets(s)) - set(ATTENTION_MODULES):
         out.append(("LoRA on the attention layers only (q, k, v, o): learns less", {"target_modules": ATTENTION_MODULES}))
-    if s.gradient_checkpointing and not s.offload_activations:
-        out.append(("offload the checkpointed block inputs to CPU memory (slower; not a run setting yet)", {"offload_activations": True}))
+    offload = s.gradient_checkpointing and not s.offload_activations
+    tile = s.mlp_tile_tokens is None and _tiled(_with(s, mlp_tile_tokens=MLP_TILE_TOKENS))
+    offload_what = "offload the checkpointed block inputs to CPU memory (a copy each way per layer)"
+    tile_what = f"compute the MLPs {MLP_TILE_TOKENS} tokens at a time (one more MLP forward)"
+    if offload:
+        out.append((offload_what, {"offload_activations": True}))
+    if tile:
+        out.append((tile_what, {"mlp_tile_tokens": MLP_TILE_TOKENS}))
+    if offload and tile:
+        out.append((f"both: {offload_what}, and {tile_what}", {"offload_activations": True, "mlp_tile_tokens": MLP_TILE_TOKENS}))
     if s.optimizer != "paged_adamw_8bit":
         out.append(("paged 8-bit AdamW: optimizer states move to CPU memory when the GPU is full", {"optimizer": "paged_adamw_8bit"}))
     return out
@@ -726,6 +778,10 @@ def flops_per_token(shape: ModelShape, settings: TrainSettings) -> float:
     forward = base + attention + adapters + head
     backward = base + 2 * attention + 2 * adapters + head
     recompute = base + attention + adapters if s.gradient_checkpointing else 0
+    if _tiled(s):
+        # The tiled MLP's extra forward, tile by tile in backward.
+        shapes = shape.linear_shapes()
+        recompute += 2 * layers * sum(i * o + (s.rank * (i + o) if m in lora_targets(s) else 0) for m, (i, o) in shapes.items() if m in MLP_MODULES)
     reference = base + attention + head if s.task == "dpo" else 0  # DPO's adapter-off reference pass
     return forward + backward + recompute + reference
 

@@ -195,6 +195,17 @@ def _(tmp):
     return train_args(DEMO / "facts.jsonl", "a", "--set", "dpo.beta=0.2"), "'dpo' settings apply only to the dpo task"
 
 
+@case("model: offload with gradient checkpointing off")
+def _(tmp):
+    extra = ("--set", "model.offload_activations=true", "--set", "model.gradient_checkpointing=false")
+    return train_args(DEMO / "facts.jsonl", "a", *extra), "set gradient_checkpointing to auto or true"
+
+
+@case("model: an MLP tile too small to be worth a kernel launch")
+def _(tmp):
+    return train_args(DEMO / "facts.jsonl", "a", "--set", "model.mlp_tile_tokens=8"), "model.mlp_tile_tokens"
+
+
 @case("eval: unknown adapter")
 def _(tmp):
     return ["eval", "ghost"], "Unknown adapter 'ghost'"

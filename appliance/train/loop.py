@@ -227,6 +227,11 @@ class TrainingRun:
         checkpointing, why = checkpointing_for(cfg.model, cfg.lora, self.device, self.dtype, self.model_dir, rows * cfg.data.seq_len)
         self.emit(Note(f"gradient checkpointing {'on' if checkpointing else 'off'} ({why})"))
         self.gradient_checkpointing = checkpointing
+        if cfg.model.offload_activations:
+            on_gpu = self.device == "cuda" and checkpointing
+            self.emit(Note("checkpointed layer inputs kept in CPU memory" if on_gpu else "offload_activations does nothing on CPU: the inputs are in RAM already"))
+        if cfg.model.mlp_tile_tokens:
+            self.emit(Note(f"MLPs computed {cfg.model.mlp_tile_tokens} tokens at a time"))
         spec = cfg.model.model_copy(update={"gradient_checkpointing": checkpointing})
         model = load_base(self.model_dir, spec, self.device, self.dtype, task=cfg.task, labels=self.data.labels)
         return attach_lora(model, self.cfg.lora, task=self.cfg.task)

@@ -112,7 +112,14 @@ def load_base(model_dir: Path, spec: ModelSpec, device: str, dtype, *, task: str
     if spec.gradient_checkpointing == "auto":
         raise ValueError("resolve gradient_checkpointing 'auto' first (checkpointing_for)")
     if spec.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # Offloading needs pinned host memory, which exists only beside an accelerator; on CPU
+        # the saved inputs are in RAM already.
+        offload = spec.offload_activations and device == "cuda"
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False}, offload=offload)
+    if spec.mlp_tile_tokens:
+        from appliance.train.tiling import tile_mlps
+
+        tile_mlps(model, spec.mlp_tile_tokens)
     return model
 
 
@@ -209,9 +216,14 @@ def attach_lora(model: Any, lora: LoraSpec, *, task: str = "sft") -> Any:
         task_type="SEQ_CLS" if task == "classify" else "CAUSAL_LM",
     )
     try:
-        return get_peft_model(model, config)
+        model = get_peft_model(model, config)
     except ValueError as err:
         raise ApplianceError(f"LoRA could not be attached: {err}", "check lora.target_modules against the model's module names") from None
+    if lora.shared_inputs:
+        from appliance.train.lora import keep_lora_inputs_shared
+
+        keep_lora_inputs_shared(model)
+    return model
 
 
 def trainable_parameters(model: Any) -> tuple[int, int]:
