@@ -55,7 +55,7 @@ ATTENTION_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj"]
 MLP_MODULES = ["gate_proj", "up_proj", "down_proj"]
 LINEAR_MODULES = [*ATTENTION_MODULES, *MLP_MODULES]
 MLP_TILE_TOKENS = 2048  # the tile the advice suggests: big enough to keep a GPU's matmuls efficient
-# Linear layers that read the same input tensor (in a fp32 stream, LoRA keeps that one tensor).
+# Linear layers that read the same input tensor (LoRA keeps that one tensor in a fp32 stream, or with shared inputs).
 MODULE_INPUT = {
     "q_proj": "attention input",
     "k_proj": "attention input",

@@ -58,3 +58,20 @@ def test_vllm_serves_the_base_with_the_adapter_as_a_lora_module(facts):
                 assert q["expect"] not in base.text
     finally:
         server.stop()
+
+
+def test_quickstart_is_the_whole_path_as_make_demo_runs_it(smollm2):
+    """`make demo` runs `appliance quickstart`: ask the base through vLLM, fine-tune in 4-bit,
+    merge, serve the merged model with vLLM, ask again."""
+    import re
+
+    from conftest import run_cli
+
+    result = run_cli("quickstart", "--port", "8171")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    print(result.stdout[-2500:])
+    learned = re.search(r"(\d+)/(\d+) answers right after fine-tuning", result.stdout)
+    assert learned and learned[1] == learned[2] == str(len(QUESTIONS)), result.stdout[-2000:]
+    assert "top-1 100%" in result.stdout
+    assert "Traceback" not in result.stderr
+    assert smollm2.adapter("quickstart-facts") and smollm2.model("smollm2-quickstart").parity["top1_agreement"] == 1.0

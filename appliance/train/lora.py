@@ -5,8 +5,8 @@ to fp32 and autograd keeps that copy for lora_A's weight gradient, one copy per
 adapted layer. q, k and v read the same input, so a Llama block keeps three
 fp32 copies of it, and gate and up two more of theirs: half of what a block
 keeps at long sequence lengths. Here the input is kept as it arrives (the
-tensor the base layer reads, shared by the layers that read it) and cast in
-backward, a tile of the same arithmetic: the values and gradients are peft's.
+tensor the base layer reads, shared by the layers that read it) and cast again
+in backward: the same arithmetic, so the values and gradients are peft's.
 
 Only plain LoRA takes this path: one active adapter, no dropout (the mask would
 have to be kept instead), no DoRA or other variant, no autocast, not merged.
@@ -57,10 +57,10 @@ def _plain_lora(layer: Any) -> str | None:
 
 
 def _shared_input_forward(layer: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-    name = _plain_lora(layer) if not kwargs.get("adapter_names") else None
-    if name is None:
+    name = _plain_lora(layer)
+    if name is None or args or kwargs:  # mixed-adapter batches and variants take arguments: peft's forward
         return type(layer).forward(layer, x, *args, **kwargs)
-    result = layer.base_layer(x, *args, **kwargs)
+    result = layer.base_layer(x)
     delta = _LoraDelta.apply(x, layer.lora_A[name].weight, layer.lora_B[name].weight, layer.scaling[name])
     return result + delta.to(result.dtype)
 
