@@ -79,6 +79,7 @@ def run_worker(
     from appliance.data.encoders import Encoded
     from appliance.data.template import TokenizedExample
     from appliance.hardware import detect
+    from appliance.plan import settings_from_config
     from appliance.registry import Registry
     from appliance.train.loop import TrainingRun
     from appliance.train.model import load_tokenizer, resolve_device
@@ -157,6 +158,10 @@ def run_worker(
         "losses": losses,
         "gradient_checkpointing": run.gradient_checkpointing,
         "optimizer": run.optimizer_name,
+        # What the planner's estimate of this run needs, --set overrides included.
+        "planner_settings": settings_from_config(cfg).model_copy(
+            update={"gradient_checkpointing": run.gradient_checkpointing, "optimizer": run.optimizer_name}
+        ).model_dump(),
     }
     if run.device == "cuda":
         result["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
@@ -296,13 +301,14 @@ def measurements(bench: TrainBench, env: dict[str, Any]) -> list[dict[str, Any]]
                 "versions": env["versions"],
                 "model": model,
                 "loop": loop,
-                "settings": {
+                "settings": result.get("planner_settings")
+                or {
                     "seq_len": s["seq_len"],
                     "batch_size": s["batch_size"],
                     "rank": s["rank"],
                     "load_in_4bit": True,
-                    "gradient_checkpointing": result.get("gradient_checkpointing", True),  # the peer loop always checkpoints
-                    "optimizer": result.get("optimizer", "paged_adamw_8bit"),
+                    "gradient_checkpointing": True,  # the peer loop always checkpoints
+                    "optimizer": "paged_adamw_8bit",
                 },
                 "peak_gib": result["peak_gib"],
                 "tokens_per_s": result["useful_tok_per_s"],
