@@ -161,10 +161,12 @@ def serve_for_test(registry, model, adapters=(), port=8123, api_key=None, **opti
     return server, Endpoint(spec.url, api_key)
 
 
-def run_cli(*args: str, env: dict | None = None, timeout: float = 1800, input: str | None = None) -> subprocess.CompletedProcess:
-    """The real CLI in a subprocess, as a user runs it."""
+def run_cli(
+    *args: str, env: dict | None = None, timeout: float = 1800, input: str | None = None, module: str = "appliance"
+) -> subprocess.CompletedProcess:
+    """The real CLI in a subprocess, as a user runs it (`module`: another entry point, such as a worker)."""
     return subprocess.run(
-        [sys.executable, "-m", "appliance", *args],
+        [sys.executable, "-m", module, *args],
         capture_output=True,
         text=True,
         env={**os.environ, **(env or {})},

@@ -11,14 +11,7 @@ import pytest
 
 from appliance.plan import load_measurements, save_result
 from appliance.train.bench import TrainBench, find_peer_loop, measurements
-from conftest import DEMO, REPO, run_cli
-
-
-def run_cli_module(module: str, *args: str):
-    import subprocess
-    import sys
-
-    return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, cwd=REPO, timeout=600)
+from conftest import DEMO, run_cli
 
 
 @pytest.mark.skipif(find_peer_loop() is None, reason="../shared/bench/peer_qlora_loop.py is not on this machine")
@@ -76,8 +69,8 @@ def test_the_worker_on_random_tokens_reports_the_settings_it_ran_with(tiny, tmp_
     the same settings become the measurement the planner is checked against."""
     out = tmp_path / "worker.json"
     sets = ["--set", "model.mlp_tile_tokens=64", "--set", "model.offload_activations=true", "--set", "model.gradient_checkpointing=true"]
-    proc = run_cli_module("appliance.train.bench", "--model-dir", str(tiny.model_dir("tiny")), "--seq-len", "256", "--steps", "4",
-                          "--batch-size", "1", "--out", str(out), *sets)
+    args = ["--model-dir", str(tiny.model_dir("tiny")), "--seq-len", "256", "--steps", "4", "--batch-size", "1", "--out", str(out), *sets]
+    proc = run_cli(*args, module="appliance.train.bench", timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(out.read_text())
     assert result["useful_tok_per_s"] > 0 and len(result["losses"]) == 4

@@ -69,22 +69,28 @@ def test_tiled_mlp_replays_each_tiles_dropout_in_backward(tiny):
     assert _max_difference(grads, tiled_grads) < 1e-6 * max(g.abs().max().item() for g in grads.values())
 
 
-def _saved_inside_mlps(model):
-    """Shapes of the tensors autograd saves while an MLP runs its forward."""
+def _saved_while_inside(model, is_inside) -> list[torch.Tensor]:
+    """The tensors autograd saves over one step while a module for which `is_inside(name, module)`
+    holds runs its forward."""
     saved, inside = [], []
     for name, module in model.named_modules():
-        if name.endswith(".mlp"):
+        if is_inside(name, module):
             module.register_forward_pre_hook(lambda *_: inside.append(True))
             module.register_forward_hook(lambda *_: inside.clear())
 
     def pack(tensor):
         if inside:
-            saved.append(tuple(tensor.shape))
+            saved.append(tensor)
         return tensor
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         _step(model)
     return saved
+
+
+def _saved_inside_mlps(model):
+    """Shapes of the tensors autograd saves while an MLP runs its forward."""
+    return [tuple(t.shape) for t in _saved_while_inside(model, lambda name, _: name.endswith(".mlp"))]
 
 
 def test_a_tiled_mlp_keeps_only_its_input(tiny):
@@ -165,21 +171,8 @@ def _saved_by_lora(model) -> int:
     from peft.tuners.lora import LoraLayer
 
     weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    storages, inside = {}, []
-    for module in model.modules():
-        if isinstance(module, LoraLayer):
-            module.register_forward_pre_hook(lambda *_: inside.append(True))
-            module.register_forward_hook(lambda *_: inside.clear())
-
-    def pack(tensor):
-        storage = tensor.untyped_storage()
-        if inside and storage.data_ptr() not in weights:
-            storages[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        _step(model)
-    return sum(storages.values())
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in _saved_while_inside(model, lambda _, m: isinstance(m, LoraLayer))}
+    return sum(nbytes for pointer, nbytes in storages.items() if pointer not in weights)
 
 
 def test_shared_input_lora_keeps_what_the_planner_counts(tiny):
