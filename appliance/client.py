@@ -1,8 +1,9 @@
 """Talking to the endpoint with the official `openai` SDK: one answer, streaming chat, benchmarks.
 
 The endpoint is found in this order: `--url`, `$APPLIANCE_URL`, the installed
-service's settings, then http://127.0.0.1:8000. The API key: `--api-key`,
-`$APPLIANCE_API_KEY`, the installed service's env file.
+service's settings, a foreground `appliance serve` still running, then
+http://127.0.0.1:8000. The API key: `--api-key`, `$APPLIANCE_API_KEY`, the key
+that foreground server recorded, the installed service's env file.
 """
 
 from __future__ import annotations
@@ -29,17 +30,21 @@ class Endpoint:
 
 
 def find_endpoint(url: str | None = None, api_key: str | None = None) -> Endpoint:
-    service_url, service_key = None, None
+    """The URL: `url`, $APPLIANCE_URL, the installed service, a foreground `appliance serve` still
+    running, the default. The key: `api_key`, $APPLIANCE_API_KEY, the key a foreground server at
+    that URL recorded (a private file in the store), the installed service's."""
+    service_url, service_key, running = None, None, []
     try:
-        from appliance.serve.service import installed_endpoint
+        from appliance.serve.service import installed_endpoint, running_servers
 
         service_url, service_key = installed_endpoint()
+        running = running_servers()
     except ImportError:
         pass
-    return Endpoint(
-        url or os.environ.get("APPLIANCE_URL") or service_url or DEFAULT_URL,
-        api_key or os.environ.get("APPLIANCE_API_KEY") or service_key,
-    )
+    chosen = url or os.environ.get("APPLIANCE_URL") or service_url or (running[0]["url"] if running else DEFAULT_URL)
+    # A foreground server's key goes to that server only.
+    here = next((r.get("api_key") for r in running if str(r.get("url", "")).rstrip("/") == chosen.rstrip("/")), None)
+    return Endpoint(chosen, api_key or os.environ.get("APPLIANCE_API_KEY") or here or service_key)
 
 
 def sdk(endpoint: Endpoint, timeout: float = 300):

@@ -85,7 +85,9 @@ class LoraSpec(Spec):
 
 class DataSource(Spec):
     path: Path
-    weight: float | None = Field(None, ge=0, description="mixing weight (strategy 'proportional' uses sizes when unset)")
+    weight: float | None = Field(
+        None, ge=0, description="sampling weight for mix strategies proportional and temperature (concat and equal refuse it); unset: 1"
+    )
 
 
 class MixSpec(Spec):
@@ -111,6 +113,11 @@ class DataSpec(Spec):
     val_file: Path | None = Field(None, description="a separate validation file (replaces the split)")
     seq_len: int = Field(1024, ge=16, le=1_048_576, description="longest example in tokens")
     overlong: Literal["drop", "truncate"] = Field("drop", description="examples over seq_len: drop them or cut them")
+    train_on_prompt: bool = Field(
+        False,
+        description="chat data: loss on every token of the conversation (system prompt, user turns, template), "
+        "not only on the assistant's answers (Axolotl's train_on_inputs)",
+    )
     dedupe: bool = Field(True, description="remove exact duplicate examples before splitting")
     seed: int = Field(0, description="seed of the split")
 

@@ -81,14 +81,17 @@ def classification_metrics(probs, labels) -> dict[str, float]:
 # -- models -----------------------------------------------------------------------------------
 
 
-def load_for_inference(model_dir, adapter_dir=None, *, load_in_4bit: bool = True, device: str = "cpu", task: str = "sft", labels=None):
-    """The base (4-bit as trained, or 16-bit) with an optional adapter, ready for evaluation."""
+def load_for_inference(
+    model_dir, adapter_dir=None, *, load_in_4bit: bool = True, device: str = "cpu", dtype: str = "auto", task: str = "sft", labels=None
+):
+    """The base (4-bit as trained, or 16-bit) with an optional adapter, ready for evaluation;
+    `dtype` is the compute dtype ('auto': what training picks on that device)."""
     from appliance.config import ModelSpec
     from appliance.hardware import detect
     from appliance.train.model import compute_dtype, load_base, quiet_libraries
 
     quiet_libraries()
-    spec = ModelSpec(load_in_4bit=load_in_4bit, gradient_checkpointing=False)
+    spec = ModelSpec(load_in_4bit=load_in_4bit, gradient_checkpointing=False, compute_dtype=dtype)
     model = load_base(model_dir, spec, device, compute_dtype(spec, device, detect()), task=task, labels=labels)
     if adapter_dir is not None:
         from peft import PeftModel
@@ -161,11 +164,20 @@ def evaluate_adapter(
     manifest = registry.adapter(adapter_name)
     base = check_adapter_base(registry, manifest)
     cfg = RunConfig.model_validate(manifest.config)
-    spec = cfg.data
+    if cfg.task == "classify" and against not in (None, base.name):
+        raise ApplianceError(
+            f"--against {against}: the 'before' of classifier {adapter_name!r} is the majority class of the held-out "
+            "labels; another model has no head trained on these labels to compare with.",
+            "drop --against; to compare two classifier adapters, evaluate each on the same --data",
+        )
+    # Evaluation reads the held-out splits; weights only steer how the train split is sampled
+    # (and an adapter trained before concat refused weights may carry some under concat).
+    spec = cfg.data.model_copy(update={"files": [f.model_copy(update={"weight": None}) for f in cfg.data.files]})
     if data is not None:
         spec = spec.model_copy(update={"files": [DataSource(path=data)], "val": 0, "test": 0, "val_file": None, "replay": None})
     model_dir = registry.model_dir(base.name)
     tokenizer = load_tokenizer(model_dir)
+    other = None if against in (None, base.name) else _comparable_model(registry, against, tokenizer)
     prepared = prepare(spec, cfg.task, tokenizer, model_name=base.name)
     split = "train" if data is not None else ("test" if prepared.test else "val")
     items = prepared.split(split)[:limit]
@@ -181,15 +193,19 @@ def evaluate_adapter(
     objective = objective_for(cfg.task, tokenizer.pad_token_id, True, cfg)
     batches = [objective.collate([e.item for e in items[i : i + 8]]) for i in range(0, len(items), 8)]
 
+    loaded_other: list[Any] = []
+
     @contextlib.contextmanager
     def before_model():
-        """The 'before' model: the base itself (adapter off), or another store model."""
-        if against is None or against == base.name:
+        """The 'before' model: the base itself (adapter off), or another store model (loaded once)."""
+        if other is None:
             with model.disable_adapter():
                 yield model
-        else:
-            other = registry.model(against)
-            yield load_for_inference(registry.model_dir(other.name), task=cfg.task, labels=manifest.labels)
+            return
+        if not loaded_other:
+            progress(f"loading {other.name} in 4-bit for the 'before' column")
+            loaded_other.append(load_for_inference(registry.model_dir(other.name), task=cfg.task))
+        yield loaded_other[0]
 
     if cfg.task == "classify":
         probs, labels = objective.predict(model, batches, device)
@@ -204,12 +220,10 @@ def evaluate_adapter(
 
     progress("scoring held-out data")
     if cfg.task == "dpo":
-        report.after = {k.removeprefix("val_"): v for k, v in objective.evaluate(model, batches, device).items() if "logp" in k}
+        # The policy's own log-probabilities: no DPO reference is needed, so a plain model scores too.
+        report.after = _preference_scores(model, batches, device)
         with before_model() as reference:
-            report.before = {k.removeprefix("val_"): v for k, v in objective.evaluate(reference, batches, device).items() if "logp" in k}
-        report.after["preference_accuracy"] = _preference_accuracy(objective, model, batches, device)
-        with before_model() as reference:
-            report.before["preference_accuracy"] = _preference_accuracy(objective, reference, batches, device)
+            report.before = _preference_scores(reference, batches, device)
     else:
         report.after["perplexity"] = _perplexity(objective, model, batches, device)
         with before_model() as reference:
@@ -221,20 +235,36 @@ def evaluate_adapter(
     return report
 
 
-def _preference_accuracy(objective, model, batches, device) -> float:
-    """Share of pairs where the model gives the chosen answer more probability than the rejected."""
+def _preference_scores(model, batches, device) -> dict[str, float]:
+    """Mean log π(chosen) − log π(rejected), and the share of pairs where it is positive."""
     import torch
 
     from appliance.train.losses import sequence_logprobs
 
-    wins, total = 0, 0
+    margins = []
     with torch.no_grad():
         for batch in batches:
             tensors = {k: v.to(device) for k, v in batch.tensors.items()}
             logp = sequence_logprobs(model, tensors, int(tensors["segments"].max()) + 1)
-            wins += int((logp[0::2] > logp[1::2]).sum())
-            total += logp.shape[0] // 2
-    return wins / max(total, 1)
+            margins.append((logp[0::2] - logp[1::2]).float().cpu())
+    margin = torch.cat(margins)
+    return {"logp_margin": float(margin.mean()), "preference_accuracy": float((margin > 0).float().mean())}
+
+
+def _comparable_model(registry, name: str, tokenizer):
+    """The store model `--against` names, if it reads the same token ids as the adapter's base."""
+    from appliance.train.model import load_tokenizer
+
+    other = registry.model(name)
+    if other.task != "causal-lm":
+        raise ApplianceError(f"--against {name}: {name!r} is a classifier, not a language model.", "compare with a language model")
+    if load_tokenizer(registry.model_dir(other.name)).get_vocab() != tokenizer.get_vocab():
+        raise ApplianceError(
+            f"--against {name}: {name!r} has another tokenizer than the adapter's base, so it would read the "
+            "held-out data's token ids as other words.",
+            "compare with a model that shares the base's tokenizer (the base, its merges, or another fine-tune of it)",
+        )
+    return other
 
 
 def _generation_metrics(report, model, before_model, tokenizer, prepared, items, registry) -> None:

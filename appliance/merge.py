@@ -1,23 +1,41 @@
-"""Merge an adapter into the 16-bit base, save a complete HF folder, verify parity.
+"""Merge an adapter into 16-bit weights, save a complete HF folder, judge it against the model the user evaluated.
 
-Never into the 4-bit weights: the base is reloaded in bf16 on a GPU (fp32 on
-CPU, where bf16 may be emulated or inexact), the adapter applied and merged.
-Parity: the saved merged model's logits on probe prompts are compared with the
-same-precision base + adapter; top-1 agreement below 100 % fails the merge
-and nothing is left in the store.
+The merge runs tensor by tensor on the CPU, one safetensors shard of the base at a time: it needs
+no GPU and no more memory than the base's largest shard, so an 8B base merges on a machine whose
+card could never hold it in 16 bits. Each adapted weight becomes W + s·B·A (s = alpha / r, or
+alpha / √r with rsLoRA), computed in fp32 and stored in the merged dtype. W is one of:
+- `dequantized` (the default): the NF4 weights the adapter was trained against, dequantized, so
+  the merged model reproduces the 4-bit model the user trained and evaluated;
+- `original`: the base's own 16-bit weights, which differ from what the adapter saw by the
+  quantization error of every weight.
+The default is the one that agrees better with the evaluated model (README, "Merging": measured
+on SmolLM2 by `appliance merge --weights ...`).
+
+The merge is judged against the evaluated model: the 4-bit base + adapter (peft's own forward,
+computing in the same dtype) on probe prompts and on the adapter's validation answers. Figures:
+top-1 agreement at the positions where the reference's top-1 leads its runner-up clearly (a
+near-tie flips with any rounding, so it says nothing), the same over every position, mean KL and
+max |Δlogit|. Below the gate of the merged dtype the merge fails and nothing is saved. A second
+check reads every adapted tensor back from the saved files and compares it with what was computed.
 """
 
 from __future__ import annotations
 
+import json
+import math
 import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 from appliance.errors import ApplianceError
-from appliance.registry import AdapterManifest, ModelManifest, Registry
-from appliance.store import atomic_dir, ensure_free_space
+from appliance.registry import AdapterManifest, Agreement, MergeParity, ModelManifest, Registry
+from appliance.store import atomic_dir, ensure_free_space, read_json
+
+MergeWeights = Literal["dequantized", "original"]
+DEFAULT_WEIGHTS: MergeWeights = "dequantized"
+MergeDtype = Literal["auto", "bfloat16", "float16", "float32"]
 
 PROBE_PROMPTS = (
     "What is the capital of France?",
@@ -25,6 +43,25 @@ PROBE_PROMPTS = (
     "Explain what a fine-tuned language model is.",
     "List three colours.",
 )
+VALIDATION_EXAMPLES = 16  # of the adapter's validation split, teacher-forced
+# A position counts for top-1 agreement when the reference's top-1 leads its runner-up by at least
+# this many logits: rounding a weight to bf16 moves a logit by a few hundredths, never by this much.
+CLEAR_MARGIN = 1.0
+
+
+@dataclass(frozen=True)
+class Gate:
+    """What a merged model must reach against the evaluated model (README, "Merging")."""
+
+    min_top1: float  # top-1 agreement at clear positions
+    max_mean_kl: float  # nats per position
+    # KL(evaluated || merged) as a share of KL(evaluated || base): what the merge loses of what the
+    # adapter changed. Scale-free, so it also holds where every distribution is flat.
+    max_relative_kl: float
+
+
+GATES = {"float32": Gate(0.99, 0.02, 0.05), "bfloat16": Gate(0.98, 0.05, 0.1), "float16": Gate(0.98, 0.05, 0.1)}
+
 TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer.model",
@@ -37,17 +74,6 @@ TOKENIZER_FILES = (
     "merges.txt",
     "generation_config.json",
 )
-
-
-@dataclass
-class Parity:
-    max_abs_logit_diff: float
-    top1_agreement: float
-    positions: int
-    dtype: str
-
-    def as_dict(self) -> dict[str, Any]:
-        return self.__dict__.copy()
 
 
 def check_adapter_base(registry: Registry, adapter: AdapterManifest) -> ModelManifest:
@@ -68,47 +94,236 @@ def check_adapter_base(registry: Registry, adapter: AdapterManifest) -> ModelMan
     return base
 
 
-def merge_dtype(device: str, bf16: bool):
+def merge_dtype(requested: MergeDtype, hw) -> str:
+    """What the merged weights are stored in: the serving GPU's native 16-bit type, fp32 on a machine
+    without a GPU (vLLM serves float32 there, and bf16 rounding would be a loss for nothing)."""
+    if requested != "auto":
+        return requested
+    if hw.device == "cuda":
+        return "bfloat16" if hw.bf16 else "float16"
+    return "float32"
+
+
+# -- the arithmetic ----------------------------------------------------------------------------
+
+
+@dataclass
+class LoraDelta:
+    a: Any  # (r, in)
+    b: Any  # (out, r)
+    scaling: float
+
+    def weight(self):
+        return self.scaling * (self.b.float() @ self.a.float())
+
+
+def read_deltas(adapter_dir: Path) -> tuple[dict[str, LoraDelta], dict[str, Any]]:
+    """The adapter as {base weight name: delta} and the whole modules it replaces ({name: tensor})."""
+    from safetensors.torch import load_file
+
+    config = read_json(adapter_dir / "adapter_config.json")
+    unsupported = [k for k in ("use_dora", "use_qalora", "lora_bias") if config.get(k)]
+    if config.get("peft_type", "LORA") != "LORA" or unsupported or config.get("alpha_pattern") or config.get("fan_in_fan_out"):
+        raise ApplianceError(
+            f"The adapter in {adapter_dir} uses LoRA settings this merge does not apply ({', '.join(unsupported) or config.get('peft_type')}).",
+            "serve it as an adapter on its base instead (appliance serve BASE --adapter NAME)",
+        )
+    alpha = float(config["lora_alpha"])
+    tensors = load_file(str(adapter_dir / "adapter_model.safetensors"))
+    prefix = "base_model.model."
+    deltas: dict[str, LoraDelta] = {}
+    whole: dict[str, Any] = {}
+    for key, value in tensors.items():
+        name = key.removeprefix(prefix)
+        if ".lora_A." in name:
+            module = name.split(".lora_A.")[0]
+            b = tensors[key.replace(".lora_A.", ".lora_B.")]
+            r = value.shape[0]
+            scaling = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+            deltas[f"{module}.weight"] = LoraDelta(value, b, scaling)
+        elif ".lora_B." not in name:
+            whole[name] = value  # modules_to_save (a classifier's head), stored whole
+    return deltas, whole
+
+
+def nf4_roundtrip(weight):
+    """The weight as the 4-bit model computes with it: quantized to NF4 with double quantization
+    (blocks of 64, as bitsandbytes does on load) and dequantized."""
+    import bitsandbytes as bnb
+
+    packed, state = bnb.functional.quantize_4bit(weight, blocksize=64, compress_statistics=True, quant_type="nf4")
+    return bnb.functional.dequantize_4bit(packed, state)
+
+
+def _torch_dtype(name: str):
     import torch
 
-    if device == "cuda":
-        return torch.bfloat16 if bf16 else torch.float16
-    return torch.float32
+    return getattr(torch, name)
 
 
-def probe_batch(tokenizer: Any, task: str) -> list[list[int]]:
+def merged_tensor(name: str, base, deltas: dict[str, LoraDelta], weights: MergeWeights, dtype: str):
+    """One tensor of the merged model: adapted weights get W + s·B·A, the rest is cast."""
+    import torch
+
+    delta = deltas.get(name)
+    if delta is None:
+        return base.to(_torch_dtype(dtype)).contiguous()
+    base = base.to(torch.float32)  # exact for a 16-bit base; the NF4 codes do not change, the dequantized values are not rounded
+    w = nf4_roundtrip(base) if weights == "dequantized" else base
+    return (w + delta.weight()).to(_torch_dtype(dtype)).contiguous()
+
+
+def write_merged_weights(base_dir: Path, out: Path, deltas: dict[str, LoraDelta], whole: dict[str, Any], weights: MergeWeights, dtype: str,
+                         drop: tuple[str, ...] = (), progress: Callable[[str], None] = lambda _: None) -> None:
+    """The merged safetensors, shard by shard of the base, with their index."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    shards = sorted(base_dir.glob("*.safetensors"))
+    weight_map: dict[str, str] = {}
+    done: set[str] = set()
+    total = 0
+    for i, shard in enumerate(shards):
+        progress(f"merging {shard.name} ({i + 1}/{len(shards)})")
+        tensors = {}
+        with safe_open(str(shard), framework="pt") as f:
+            for name in f.keys():
+                if name in drop:
+                    continue
+                tensors[name] = whole[name].to(_torch_dtype(dtype)) if name in whole else merged_tensor(name, f.get_tensor(name), deltas, weights, dtype)
+                done.add(name)
+        if i == len(shards) - 1:  # a head the base does not have (a classifier's) goes with the last shard
+            tensors.update({n: t.to(_torch_dtype(dtype)).contiguous() for n, t in whole.items() if n not in done})
+        save_file(tensors, str(out / shard.name), metadata={"format": "pt"})
+        total += sum(t.numel() * t.element_size() for t in tensors.values())
+        weight_map.update({n: shard.name for n in tensors})
+        del tensors
+    missing = sorted(set(deltas) - done)
+    if missing:
+        raise ApplianceError(
+            f"The adapter changes weights the base does not have ({', '.join(missing[:3])}).",
+            "the adapter belongs to another model: merge it onto its own base",
+        )
+    if len(shards) > 1:
+        (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+
+
+def check_saved(base_dir: Path, out: Path, deltas: dict[str, LoraDelta], weights: MergeWeights, dtype: str) -> float:
+    """Read every adapted tensor back from the saved files; the largest difference from W + s·B·A
+    recomputed from the base, relative to the tensor's largest value."""
+    from safetensors import safe_open
+
+    worst = 0.0
+    saved_files = sorted(out.glob("*.safetensors"))
+    for shard in sorted(base_dir.glob("*.safetensors")):
+        with safe_open(str(shard), framework="pt") as f:
+            names = [n for n in f.keys() if n in deltas]
+            base = {n: f.get_tensor(n) for n in names}
+        for path in saved_files:
+            with safe_open(str(path), framework="pt") as g:
+                for name in set(names) & set(g.keys()):
+                    expected = merged_tensor(name, base[name], deltas, weights, "float32")
+                    got = g.get_tensor(name).float()
+                    worst = max(worst, float((got - expected).abs().max() / expected.abs().max().clamp_min(1e-12)))
+    return worst
+
+
+# -- judging the merge ---------------------------------------------------------------------------
+
+
+def probe_sequences(registry: Registry, adapter: AdapterManifest, tokenizer: Any) -> tuple[list[list[int]], int, list[str]]:
+    """Token ids to compare on: probe prompts, then up to VALIDATION_EXAMPLES of the adapter's
+    validation split as full conversations (teacher-forced answers). Returns (sequences, how many
+    validation examples, notes)."""
+    from appliance.config import RunConfig
+    from appliance.data.dataset import prepare
     from appliance.data.template import has_chat_template, render
 
-    if task == "classify":  # a classifier reads plain text ending in eos
-        return [tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for text in PROBE_PROMPTS]
-    prompts = []
-    for text in PROBE_PROMPTS:
-        rendered = render(tokenizer, [{"role": "user", "content": text}], add_generation_prompt=True) if has_chat_template(tokenizer) else text
-        prompts.append(tokenizer(rendered, add_special_tokens=not has_chat_template(tokenizer))["input_ids"])
-    return prompts
+    notes: list[str] = []
+    if adapter.task == "classify":  # a classifier reads plain text ending in eos
+        sequences = [tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for text in PROBE_PROMPTS]
+    else:
+        sequences = []
+        for text in PROBE_PROMPTS:
+            chat = has_chat_template(tokenizer)
+            rendered = render(tokenizer, [{"role": "user", "content": text}], add_generation_prompt=True) if chat else text
+            sequences.append(tokenizer(rendered, add_special_tokens=not chat)["input_ids"])
+    cfg = RunConfig.model_validate(adapter.config)
+    try:
+        prepared = prepare(cfg.data, cfg.task, tokenizer)
+    except ApplianceError as err:
+        notes.append(f"validation answers not compared: the training data cannot be read again ({err.message})")
+        return sequences, 0, notes
+    held_out = (prepared.val or prepared.test)[:VALIDATION_EXAMPLES]
+    for encoded in held_out:
+        item = encoded.item
+        ids = item.chosen.input_ids if hasattr(item, "chosen") else item.input_ids
+        sequences.append(list(ids))
+    if not held_out:
+        notes.append("validation answers not compared: the adapter was trained without a validation split")
+    return sequences, len(held_out), notes
 
 
-def logits_for(model: Any, prompts: list[list[int]], device: str) -> list[Any]:
+def logits_of(model: Any, sequences: list[list[int]], device: str) -> list[Any]:
+    """fp32 logits per sequence on the CPU: one row per position (one per text for a classifier)."""
     import torch
 
     out = []
     with torch.no_grad():
-        for ids in prompts:
+        for ids in sequences:
             logits = model(input_ids=torch.tensor([ids], device=device)).logits
-            # Causal LM: one row per position; classifier: one row per text.
             out.append(logits.reshape(-1, logits.shape[-1]).float().cpu())
     return out
 
 
-def compare(reference: list[Any], merged: list[Any], dtype: str) -> Parity:
+def agreement(reference: list[Any], other: list[Any], margin: float = CLEAR_MARGIN) -> Agreement:
     import torch
 
-    diffs, agree, total = [], 0, 0
-    for a, b in zip(reference, merged):
-        diffs.append(float((a - b).abs().max()))
-        agree += int((a.argmax(-1) == b.argmax(-1)).sum())
-        total += a.shape[0]
-    return Parity(max(diffs), agree / total, total, dtype)
+    positions = clear = agree_clear = agree_all = 0
+    kl_sum, max_diff = 0.0, 0.0
+    for a, b in zip(reference, other):
+        top2 = a.topk(2, dim=-1).values
+        is_clear = (top2[:, 0] - top2[:, 1]) >= margin
+        same = a.argmax(-1) == b.argmax(-1)
+        positions += a.shape[0]
+        clear += int(is_clear.sum())
+        agree_clear += int((same & is_clear).sum())
+        agree_all += int(same.sum())
+        log_p, log_q = torch.log_softmax(a, -1), torch.log_softmax(b, -1)
+        kl_sum += float((log_p.exp() * (log_p - log_q)).sum())
+        max_diff = max(max_diff, float((a - b).abs().max()))
+    return Agreement(
+        positions=positions,
+        clear_positions=clear,
+        margin=margin,
+        top1_agreement=agree_clear / clear if clear else 1.0,
+        top1_agreement_all=agree_all / positions,
+        mean_kl=kl_sum / positions,
+        max_abs_logit_diff=max_diff,
+    )
+
+
+def _parity_device(parameters: int, dtype: str) -> str:
+    """The GPU when the merged model fits its free memory with room to spare, else the CPU."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return "cpu"
+    free, _ = torch.cuda.mem_get_info()
+    return "cuda" if parameters * _torch_dtype(dtype).itemsize * 1.3 < free else "cpu"
+
+
+def _release(device: str) -> None:
+    import gc
+
+    gc.collect()
+    if device == "cuda":
+        import torch
+
+        torch.cuda.empty_cache()
+
+
+# -- the whole merge -----------------------------------------------------------------------------
 
 
 def merge_adapter(
@@ -117,67 +332,97 @@ def merge_adapter(
     *,
     name: str | None = None,
     overwrite: bool = False,
+    weights: MergeWeights = DEFAULT_WEIGHTS,
+    dtype: MergeDtype = "auto",
     progress: Callable[[str], None] = lambda _: None,
 ) -> ModelManifest:
-    from appliance.train.model import load_tokenizer, quiet_libraries
-
-    quiet_libraries()
-    import torch
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
-
+    from appliance.evaluate import load_for_inference
     from appliance.hardware import detect
     from appliance.models import describe_folder
+    from appliance.train.model import classification_pad_id, load_tokenizer, quiet_libraries
 
+    quiet_libraries()
     adapter = registry.adapter(adapter_name)
     base = check_adapter_base(registry, adapter)
     name = name or f"{adapter.base}-{adapter.name}"
     target = registry.model_dir(name)
     if (target / "manifest.json").is_file() and not overwrite:
         raise ApplianceError(f"A model named {name!r} is already in the store.", "choose another --name, or pass --overwrite")
-
-    hw = detect()
-    dtype = merge_dtype(hw.device, hw.bf16)
-    device = hw.device
+    stored = merge_dtype(dtype, detect())
     base_dir, adapter_dir = registry.model_dir(base.name), registry.adapter_dir(adapter.name)
-    ensure_free_space(target.parent, base.parameters * torch.tensor([], dtype=dtype).element_size(), "the merged model")
+    ensure_free_space(target.parent, base.parameters * _torch_dtype(stored).itemsize, "the merged model")
+    deltas, whole = read_deltas(adapter_dir)
     started = time.time()
 
-    progress(f"loading {base.name} in {str(dtype).replace('torch.', '')} (16-bit or wider, never 4-bit)")
-    load_kwargs: dict[str, Any] = {"dtype": dtype, "device_map": {"": device}, "trust_remote_code": False, "use_safetensors": True}
-    model_class = AutoModelForCausalLM
-    if adapter.task == "classify":
-        # The trained head travels in the adapter (modules_to_save); the result is a standard
-        # *ForSequenceClassification folder with the label names in its config.
-        model_class = AutoModelForSequenceClassification
-        labels = adapter.labels or []
-        load_kwargs.update(num_labels=len(labels), id2label=dict(enumerate(labels)), label2id={n: i for i, n in enumerate(labels)})
-    model = model_class.from_pretrained(base_dir, **load_kwargs)
-    model = PeftModel.from_pretrained(model, str(adapter_dir))
-    model.eval()
     tokenizer = load_tokenizer(base_dir)
-    prompts = probe_batch(tokenizer, adapter.task)
-    reference = logits_for(model, prompts, device)
+    sequences, validation, notes = probe_sequences(registry, adapter, tokenizer)
+    device = _parity_device(base.parameters, stored)
+    compute = "float32" if device == "cpu" else stored  # CPUs compute bf16 inexactly or slowly: compare in fp32 there
+    progress(f"the evaluated model: {base.name} in 4-bit + {adapter.name} ({compute}, {device})")
+    evaluated = load_for_inference(base_dir, adapter_dir, device=device, dtype=compute, task=adapter.task, labels=adapter.labels)
+    reference = logits_of(evaluated, sequences, device)
+    with evaluated.disable_adapter():
+        adapter_effect = agreement(reference, logits_of(evaluated, sequences, device)).mean_kl
+    del evaluated
+    _release(device)
 
-    progress("merging")
-    merged = model.merge_and_unload()
+    classifier = adapter.task == "classify"
     with atomic_dir(target, overwrite=True) as tmp:
-        progress(f"saving {name}")
-        merged.save_pretrained(tmp, safe_serialization=True)
-        del merged, model
+        # A classifier keeps the trained head (modules_to_save) and drops the language-model head.
+        write_merged_weights(base_dir, tmp, deltas, whole, weights, stored, drop=("lm_head.weight",) if classifier else (), progress=progress)
+        config = read_json(base_dir / "config.json")
+        config.pop("quantization_config", None)
+        config["dtype"] = stored
+        if classifier:
+            labels = adapter.labels or []
+            config["architectures"] = [config["architectures"][0].replace("ForCausalLM", "ForSequenceClassification")]
+            # The head reads the eos that ends every text: padding must be another token (appliance.train.model).
+            pad_id = classification_pad_id(tokenizer)
+            config.update(id2label=dict(enumerate(labels)), label2id={n: i for i, n in enumerate(labels)}, pad_token_id=pad_id)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         for filename in TOKENIZER_FILES:
             if (base_dir / filename).is_file():
                 shutil.copy2(base_dir / filename, tmp / filename)
+        if classifier:  # so that tokenizer(..., padding=True) pads with the id the config names
+            tokenizer.pad_token = tokenizer.convert_ids_to_tokens(pad_id)
+            tokenizer.save_pretrained(tmp)
 
-        progress("checking parity of the saved weights")
-        reloaded = model_class.from_pretrained(tmp, dtype=dtype, device_map={"": device}, use_safetensors=True)
-        parity = compare(reference, logits_for(reloaded, prompts, device), str(dtype).replace("torch.", ""))
-        del reloaded
-        if parity.top1_agreement < 1.0:
+        progress("reading the saved weights back")
+        saved_error = check_saved(base_dir, tmp, deltas, weights, stored)
+        progress(f"comparing with the evaluated model ({len(sequences)} sequences)")
+        merged_model = _load_merged(tmp, classifier, device, compute)
+        gate = GATES[stored]
+        parity = MergeParity(
+            weights=weights,
+            dtype=stored,
+            compute_dtype=compute,
+            prompts=len(PROBE_PROMPTS),
+            validation_examples=validation,
+            evaluated=agreement(reference, logits_of(merged_model, sequences, device)),
+            adapter_effect_kl=adapter_effect,
+            saved_max_rel_diff=saved_error,
+            gate_min_top1=gate.min_top1,
+            gate_max_mean_kl=gate.max_mean_kl,
+            gate_max_relative_kl=gate.max_relative_kl,
+            notes=notes,
+        )
+        del merged_model
+        _release(device)
+        rounding = 2.0 ** -(24 if stored == "float32" else 11 if stored == "float16" else 8)
+        if saved_error > rounding:
             raise ApplianceError(
-                f"Merge parity failed: top-1 agreement {parity.top1_agreement:.2%} over {parity.positions} positions "
-                f"(max |Δlogit| {parity.max_abs_logit_diff:.3g}); nothing was saved.",
-                "report this with the adapter's manifest; serve the adapter on the base meanwhile",
+                f"The saved merged weights differ from what was computed (relative {saved_error:.2g}); nothing was saved.",
+                "check the disk, then merge again",
+            )
+        e = parity.evaluated
+        if e.top1_agreement < gate.min_top1 or e.mean_kl > gate.max_mean_kl or parity.relative_kl > gate.max_relative_kl:
+            raise ApplianceError(
+                f"The merged model does not match the model you evaluated (4-bit {base.name} + {adapter.name}): top-1 agreement "
+                f"{e.top1_agreement:.2%} at {e.clear_positions} clear positions (gate {gate.min_top1:.0%}), mean KL {e.mean_kl:.3g} "
+                f"(gate {gate.max_mean_kl:g}), {parity.relative_kl:.1%} of the adapter's own effect (gate {gate.max_relative_kl:.0%}); "
+                "nothing was saved.",
+                "merge into the dequantized weights (--weights dequantized) or in float32 (--dtype float32), "
+                "or serve the adapter on its base (appliance serve BASE --adapter NAME)",
             )
         manifest = describe_folder(
             tmp,
@@ -187,9 +432,16 @@ def merge_adapter(
             adapter=adapter.name,
             base=base.name,
             base_fingerprint=base.fingerprint,
-            parity=parity.as_dict(),
+            parity=parity,
         )
         manifest.merge_s = round(time.time() - started, 1)  # type: ignore[attr-defined]
         registry.write_manifest(tmp, manifest)
     return manifest
 
+
+def _load_merged(folder: Path, classifier: bool, device: str, compute: str):
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    cls = AutoModelForSequenceClassification if classifier else AutoModelForCausalLM
+    model = cls.from_pretrained(folder, dtype=_torch_dtype(compute), device_map={"": device}, use_safetensors=True, trust_remote_code=False)
+    return model.eval()

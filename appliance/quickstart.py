@@ -14,7 +14,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Callable
 
-from appliance.registry import Registry
+from appliance.registry import MergeParity, Registry
 
 BASE = "smollm2"
 ADAPTER = "quickstart-facts"
@@ -25,23 +25,64 @@ def demo_file(name: str) -> Path:
     return Path(str(resources.files("appliance") / "demo" / name))
 
 
-def demo_questions() -> list[dict]:
-    return json.loads(demo_file("questions.json").read_text())
+@dataclass(frozen=True)
+class DemoQuestion:
+    """A question the demo asks through the endpoint; none of them is in the training data."""
+
+    question: str
+    expect: tuple[str, ...]  # any of these in the answer (case-insensitive) makes it right
+    group: str  # "fact": a made-up fact, asked as a paraphrase never trained on; "control": general knowledge
+
+    def right(self, answer: str) -> bool:
+        return any(e.lower() in answer.lower() for e in self.expect)
+
+
+def demo_questions() -> list[DemoQuestion]:
+    groups = json.loads(demo_file("questions.json").read_text())
+    return [DemoQuestion(q["question"], tuple(q["expect"]), group.removesuffix("s")) for group in ("facts", "controls") for q in groups[group]]
+
+
+def score(questions: list[DemoQuestion], answers: list[str]) -> dict[str, tuple[int, int]]:
+    """(right, asked) per group."""
+    out: dict[str, tuple[int, int]] = {}
+    for q, a in zip(questions, answers):
+        right, asked = out.get(q.group, (0, 0))
+        out[q.group] = (right + q.right(a), asked + 1)
+    return out
 
 
 @dataclass
 class QuickstartResult:
-    questions: list[dict]
+    questions: list[DemoQuestion]
     before: list[str] = field(default_factory=list)
     after: list[str] = field(default_factory=list)
     finish_reasons: list[str | None] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
     train_metrics: dict[str, float] = field(default_factory=dict)
-    parity: dict | None = None
+    parity: MergeParity | None = None
     served_url: str = ""
 
+    def save(self) -> Path:
+        """bench/results/quickstart-<cpu|gpu>-<time>.json: answers, scores, timings, with the machine."""
+        from appliance.hardware import describe
+        from appliance.plan import save_result
 
-def ask_all(registry: Registry, model: str, questions: list[dict], port: int, progress: Callable[[str], None]):
+        payload = {
+            "questions": [q.__dict__ for q in self.questions],
+            "before": self.before,
+            "after": self.after,
+            "finish_reasons": self.finish_reasons,
+            "score_before": score(self.questions, self.before),
+            "score_after": score(self.questions, self.after),
+            "timings_s": {k: round(v, 1) for k, v in self.timings.items()},
+            "total_s": round(sum(self.timings.values()), 1),
+            "train_metrics": self.train_metrics,
+            "parity": self.parity.model_dump() if self.parity else None,
+        }
+        return save_result("quickstart", payload, describe())
+
+
+def ask_all(registry: Registry, model: str, questions: list[DemoQuestion], port: int, progress: Callable[[str], None]):
     """Serve `model` with vLLM just long enough to ask every question (temperature 0)."""
     from appliance.client import Endpoint, ask
     from appliance.serve.command import build_spec, vllm_command, vllm_env
@@ -53,7 +94,7 @@ def ask_all(registry: Registry, model: str, questions: list[dict], port: int, pr
     with VllmProcess(vllm_command(spec), vllm_env(spec), log) as server:
         server.wait_healthy(spec.url, tick=lambda s: progress(f"starting vLLM for {model} … {s:.0f} s"))
         progress(f"asking {model}")
-        answers = [ask(Endpoint(spec.url), q["question"], model=model, max_tokens=64) for q in questions]
+        answers = [ask(Endpoint(spec.url), q.question, model=model, max_tokens=64) for q in questions]
     return answers, spec.url
 
 

@@ -16,7 +16,7 @@ import struct
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from appliance.errors import ApplianceError
 from appliance.store import MANIFEST, Store, atomic_write_json, read_json
@@ -32,6 +32,45 @@ class Manifest(BaseModel):
 
     name: str
     created: str = Field(default_factory=now_iso)
+
+
+class Agreement(BaseModel):
+    """How closely a model's logits follow a reference's, position by position."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    positions: int
+    clear_positions: int = Field(description="positions where the reference's top-1 leads its runner-up by at least `margin` logits")
+    margin: float
+    top1_agreement: float = Field(description="share of the clear positions where both pick the same top-1")
+    top1_agreement_all: float = Field(description="the same over every position, near-ties included")
+    mean_kl: float = Field(description="KL(reference || model) per position, nats")
+    max_abs_logit_diff: float
+
+
+class MergeParity(BaseModel):
+    """A merged model judged against the model the user trained and evaluated (appliance.merge)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    weights: Literal["dequantized", "original"] = Field(description="the base weights the adapter was merged into")
+    dtype: str = Field(description="what the merged weights are stored in")
+    compute_dtype: str = Field(description="what both models computed in for the comparison")
+    reference: str = "4-bit base + adapter"
+    prompts: int
+    validation_examples: int
+    evaluated: Agreement
+    adapter_effect_kl: float = Field(description="KL(evaluated || the same 4-bit base without the adapter): what the adapter changed")
+    saved_max_rel_diff: float = Field(description="adapted tensors read back from disk against what was computed")
+    gate_min_top1: float
+    gate_max_mean_kl: float
+    gate_max_relative_kl: float
+    notes: list[str] = Field(default_factory=list)
+
+    @property
+    def relative_kl(self) -> float:
+        """What the merge lost, as a share of what the adapter changed."""
+        return max(self.evaluated.mean_kl, 0.0) / max(self.adapter_effect_kl, 1e-12)
 
 
 class ModelManifest(Manifest):
@@ -51,7 +90,13 @@ class ModelManifest(Manifest):
     adapter: str | None = None
     base: str | None = None
     base_fingerprint: str | None = None
-    parity: dict[str, Any] | None = None
+    parity: MergeParity | None = None
+
+    @field_validator("parity", mode="before")
+    @classmethod
+    def _earlier_parity(cls, value: Any) -> Any:
+        # Merges made before the parity named the evaluated model recorded other figures: not comparable.
+        return None if isinstance(value, dict) and "evaluated" not in value else value
 
 
 class DataFileRecord(BaseModel):

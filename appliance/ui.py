@@ -181,8 +181,8 @@ class Spinner:
         if console.is_terminal:
             self.status = console.status(self.text)
             self.status.__enter__()
-        else:
-            console.print(self.text + " …")
+        else:  # on stderr: stdout may be JSON for a script (`--json`)
+            err_console.print(self.text + " …")
         return self
 
     def update(self, text: str) -> None:

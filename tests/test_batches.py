@@ -52,3 +52,14 @@ def test_packed_loss_equals_separate_losses(tiny):
     assert abs(float(loss_packed) - total) < 1e-3
     assert abs(float(loss_padded) - total) < 1e-3
     assert packed.useful_tokens == padded.useful_tokens == 29
+
+
+def test_trained_tokens_count_only_the_labels_that_carry_loss():
+    """CPT labels every token of a block, but a block's first token is predicted from nothing of its
+    own and gets no loss: the count the loss is averaged over must leave it out."""
+    blocks = [TokenizedExample(ids, list(ids)) for ids in ([5, 6, 7, 8], [9, 10, 11], [12, 13])]
+    sft = _items()  # first label already ignored: the count does not change
+    for items, expected in ((blocks, 3 + 2 + 1), (sft, sum(x.trained_tokens for x in sft))):
+        for packing in (True, False):
+            batch = collate_lm(items, pad_id=2, packing=packing)
+            assert batch.trained_tokens == int((batch.tensors["labels"] != IGNORE_INDEX).sum()) == expected

@@ -146,3 +146,53 @@ def test_chat_data_needs_a_chat_template(tmp_path, smollm2_store):
     path = write_jsonl(tmp_path / "d.jsonl", [chat("q", "a")])
     with pytest.raises(ApplianceError, match="no chat template"):
         prepare(DataSpec(files=[DataSource(path=path)], val=0), "sft", tokenizer, model_name="plain")
+
+
+def _two_sources(tmp_path):
+    a = write_jsonl(tmp_path / "a.jsonl", [chat(f"a question {i}", f"answer {i}") for i in range(10)])
+    b = write_jsonl(tmp_path / "b.jsonl", [chat(f"b question {i}", f"answer {i}") for i in range(30)])
+    return a, b
+
+
+def test_weights_are_refused_by_concat_and_equal_and_used_by_the_sampling_strategies(tmp_path):
+    from appliance.config import MixSpec
+
+    a, b = _two_sources(tmp_path)
+    files = [DataSource(path=a, weight=3), DataSource(path=b)]
+    for strict in (True, False):  # `data check` gathers problems, but a contradiction in the settings stops it
+        for mix in (MixSpec(), MixSpec(strategy="equal")):  # concat (the default) and equal do not sample by weight
+            with pytest.raises(ApplianceError, match=f"--mix {mix.strategy}") as refused:
+                prepare(DataSpec(files=files, val=0, mix=mix), "sft", None, strict=strict)
+            assert "--mix proportional" in refused.value.fix and f"{a}:3" in refused.value.message
+    prepared = prepare(DataSpec(files=files, val=0, mix=MixSpec(strategy="proportional")), "sft", None)
+    assert prepared.mixture.probs == pytest.approx([30 / 60, 30 / 60])  # 10 × 3 against 30 × 1
+    unweighted = prepare(DataSpec(files=[DataSource(path=a), DataSource(path=b)], val=0), "sft", None)
+    assert unweighted.mixture is None and len(unweighted.train) == 40  # concat: every example once
+
+
+def _cli_text(result) -> str:
+    import re
+
+    return " ".join(re.sub("[│╭╮╰╯─]", " ", result.output).split())
+
+
+def test_data_check_and_train_refuse_weights_under_concat(tmp_path, tiny):
+    from click.testing import CliRunner
+
+    from appliance.cli import main
+
+    a, b = _two_sources(tmp_path)
+    runner = CliRunner()
+    for args in (
+        ["data", "check", f"{a}:3", str(b)],
+        ["data", "check", f"{a}:3", str(b), "--mix", "concat"],
+        ["train", "--model", "tiny", "--data", f"{a}:3", "--data", str(b), "--name", "weighted", "--steps", "1"],
+    ):
+        result = runner.invoke(main, args)
+        text = _cli_text(result)
+        print(text[-400:])
+        assert result.exit_code == 2 and "--mix proportional" in text and "Traceback" not in text
+    assert not tiny.adapter_dir("weighted").exists()
+    result = runner.invoke(main, ["data", "check", f"{a}:3", str(b), "--mix", "proportional", "--json"])
+    assert result.exit_code == 0, result.output
+    assert list(json.loads(result.output)["mixture"]["probabilities"].values()) == pytest.approx([0.5, 0.5])

@@ -1,7 +1,8 @@
 """Method mechanics on the tiny LLaMA: layer freezing, gradual unfreezing, mixing, early stopping,
-train/val/test separation."""
+train/val/test separation, what a classifier reads."""
 
 import json
+import shutil
 from collections import Counter
 
 import pytest
@@ -13,7 +14,7 @@ from appliance.data.mix import MixturePlan, mixture_probabilities
 from appliance.errors import ApplianceError
 from appliance.train.events import PhaseChanged
 from appliance.train.loop import TrainingRun, run_training
-from conftest import DEMO, chat, write_jsonl
+from conftest import DEMO, REPO, chat, write_jsonl
 
 
 def config(path=DEMO / "facts.jsonl", **sections):
@@ -144,3 +145,95 @@ def test_weight_decay_and_dropout_reach_the_optimizer_and_lora(tiny):
     assert all(g["weight_decay"] == 0.1 for g in run.optimizer.param_groups)
     dropouts = [m for n, m in run.model.named_modules() if n.endswith("lora_dropout.default")]
     assert dropouts and all(m.p == 0.2 for m in dropouts)
+
+
+# -- what a classifier reads -------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def llama3_style_folder(tiny_model_folder, tmp_path_factory):
+    """The tiny model set up like Llama-3.x-Instruct: config.eos_token_id is a list and neither the
+    config nor the tokenizer names a pad token, so the tokenizer pads with its eos (id 2, not 0)."""
+    folder = tmp_path_factory.mktemp("llama3-style")
+    for item in tiny_model_folder.iterdir():
+        shutil.copy2(item, folder / item.name)
+    config = json.loads((folder / "config.json").read_text())
+    config.pop("pad_token_id", None)
+    config["eos_token_id"] = [0, 2]
+    (folder / "config.json").write_text(json.dumps(config))
+    tokenizer_config = json.loads((folder / "tokenizer_config.json").read_text())
+    tokenizer_config.pop("pad_token", None)
+    (folder / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
+    return folder
+
+
+def _reviews(tokenizer, n=5):
+    """Encoded classification items of different lengths (each text ends with eos)."""
+    spec = DataSpec(files=[DataSource(path=REPO / "tests" / "data" / "reviews.jsonl")], val=0)
+    items = [e.item for e in prepare(spec, "classify", tokenizer).train]
+    by_length = {len(x.input_ids): x for x in items}
+    picked = [by_length[n] for n in sorted(by_length)[:: max(1, len(by_length) // n)]][:n]
+    assert len({len(x.input_ids) for x in picked}) == len(picked) > 2
+    return picked
+
+
+def _alone_and_together(objective, model, items):
+    alone = torch.cat([objective.predict(model, [objective.collate([x])], "cpu")[0] for x in items])
+    together, _ = objective.predict(model, [objective.collate(items)], "cpu")
+    return alone, together
+
+
+@pytest.mark.parametrize("variant", ["llama3-style", "pad-is-eos"])
+def test_a_classifier_reads_each_texts_eos_alone_or_padded_in_a_batch(variant, llama3_style_folder, tiny_model_folder):
+    """The head reads the eos the encoder ends every text with, whatever pads the shorter rows.
+    (transformers reads the rightmost token that is not config.pad_token_id.)"""
+    from appliance.config import ModelSpec
+    from appliance.train.model import load_base, load_tokenizer
+    from appliance.train.objectives import objective_for
+
+    folder = llama3_style_folder if variant == "llama3-style" else tiny_model_folder
+    tokenizer = load_tokenizer(folder)
+    assert tokenizer.pad_token_id == tokenizer.eos_token_id == 2
+    # Loaded as evaluation loads it (real 4-bit), with fp32 compute so the comparison is exact on any CPU.
+    spec = ModelSpec(load_in_4bit=True, compute_dtype="float32", gradient_checkpointing=False)
+    torch.manual_seed(0)
+    model = load_base(folder, spec, "cpu", torch.float32, task="classify", labels=["negative", "positive"])
+    model.eval()
+    objective = objective_for("classify", tokenizer.pad_token_id, True, load_run_config("classify"))
+    items = _reviews(tokenizer)
+    alone, together = _alone_and_together(objective, model, items)
+    print(f"\n{variant}: largest difference alone vs batched {float((alone - together).abs().max()):.2e}")
+    assert torch.allclose(alone, together, atol=1e-5)
+    with torch.no_grad():
+        for x, probs in zip(items, alone):
+            hidden = model.model(input_ids=torch.tensor([x.input_ids])).last_hidden_state[0, -1]
+            assert x.input_ids[-1] == tokenizer.eos_token_id
+            assert torch.allclose(torch.softmax(model.score(hidden).float(), -1), probs, atol=1e-5)
+
+
+def test_classifier_training_loss_does_not_depend_on_the_batch(tiny, llama3_style_folder):
+    """The training path (TrainingRun loads the base itself): logits and the summed loss of a padded
+    batch equal those of its rows one at a time."""
+    from appliance.models import import_model
+    from appliance.train.loop import TrainingRun
+    from appliance.train.model import load_tokenizer
+
+    import_model(str(llama3_style_folder), tiny, name="llama3-style")
+    cfg = load_run_config(
+        "classify",
+        flags={
+            "model": {"name": "llama3-style", "compute_dtype": "float32"},
+            "data": {"files": [{"path": str(REPO / "tests" / "data" / "reviews.jsonl")}], "val": 8},
+            "train": {"steps": 1, "batch_size": 8},
+        },
+    )
+    run = TrainingRun(cfg, tiny, "sentiment")
+    run.setup()
+    run.model.eval()
+    items = _reviews(load_tokenizer(tiny.model_dir("llama3-style")))
+    alone, together = _alone_and_together(run.objective, run.model, items)
+    assert torch.allclose(alone, together, atol=1e-5)
+    with torch.no_grad():
+        batched_loss, _ = run.objective.loss_sum(run.model, run.objective.collate(items).tensors)
+        row_losses = [run.objective.loss_sum(run.model, run.objective.collate([x]).tensors)[0] for x in items]
+    assert float(batched_loss) == pytest.approx(float(sum(row_losses)), abs=1e-4)

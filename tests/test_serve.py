@@ -43,3 +43,138 @@ def test_vllm_exiting_during_start_up_shows_its_log_and_the_likely_cause(tiny):
     assert "vLLM exited during start-up" in text and "Last lines of" in text
     assert "max_model_len" in text.lower() or "max-model-len" in text.lower()
     assert "Traceback (most recent call last)" not in text.split("Last lines of")[0]
+
+
+def _guarded_app(monkeypatch, key="sk-appliance-test-key"):
+    """The real middleware in front of a small ASGI app that answers 200 on every path."""
+    from starlette.applications import Starlette
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Route
+
+    from appliance.serve.auth import RequireKey
+
+    monkeypatch.setenv("VLLM_API_KEY", key)
+    paths = ["/health", "/ping", "/v1/models", "/tokenize", "/metrics", "/version", "/invocations", "/v1/load_lora_adapter"]
+    app = Starlette(routes=[Route(p, lambda request: PlainTextResponse("ok"), methods=["GET", "POST"]) for p in paths])
+    return RequireKey(app), paths
+
+
+def test_every_path_but_health_needs_the_key(monkeypatch):
+    from starlette.testclient import TestClient
+
+    app, paths = _guarded_app(monkeypatch)
+    with TestClient(app) as client:
+        open_paths = {p for p in paths for method in ("GET", "POST") if client.request(method, p).status_code != 401}
+        assert open_paths == {"/health"}
+        good = {"Authorization": "Bearer sk-appliance-test-key"}
+        assert all(client.post(p, headers=good).status_code == 200 for p in paths)
+        assert client.get("/ping", headers={"Authorization": "Bearer wrong"}).status_code == 401
+
+
+# -- the key of a foreground server ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "localhost", "::1", "0.0.0.0", "10.1.2.3"])
+@pytest.mark.parametrize("lora", [True, False])
+def test_a_foreground_server_has_a_key_unless_opted_out_on_loopback(host, lora):
+    from appliance.errors import ApplianceError
+    from appliance.serve.auth import server_key
+
+    loopback = host in ("127.0.0.1", "localhost", "::1")
+    generated = server_key(host, lora=lora, given=None, opt_out=False, service_key=None)
+    assert generated.source == "generated" and generated.key.startswith("sk-appliance-") and len(generated.key) > 30
+    assert server_key(host, lora=lora, given=None, opt_out=False, service_key=None).key != generated.key  # fresh each time
+    assert server_key(host, lora=lora, given=None, opt_out=False, service_key="sk-svc").key == "sk-svc"
+    assert server_key(host, lora=lora, given="sk-mine", opt_out=False, service_key="sk-svc").key == "sk-mine"
+    if loopback:
+        open_ = server_key(host, lora=lora, given=None, opt_out=True, service_key="sk-svc")
+        assert open_.key is None and open_.source == "none"
+        assert ("load adapters" in open_.warning) == lora
+    else:
+        with pytest.raises(ApplianceError, match="--no-api-key") as refused:
+            server_key(host, lora=lora, given=None, opt_out=True, service_key=None)
+        assert "127.0.0.1" in refused.value.fix
+    with pytest.raises(ApplianceError, match="--no-api-key"):
+        server_key(host, lora=lora, given="sk-mine", opt_out=True, service_key=None)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--host", "0.0.0.0", "--allow-remote", "--no-api-key"], "127.0.0.1"),
+        (["--no-api-key", "--api-key", "sk-mine"], "--no-api-key"),
+    ],
+)
+def test_serve_refuses_an_open_server_it_should_not_run(tiny, args, message):
+    result = CliRunner().invoke(main, ["serve", "tiny", "--runtime-adapters", "--port", "8139", *args])
+    text = " ".join(re.sub("[│╭╮╰╯─]", " ", result.output).split())
+    print(text)
+    assert result.exit_code == 2 and message in text and "Traceback" not in text
+    assert "No such option" not in text and "Fix" in text
+
+
+def test_clients_find_a_running_foreground_server_and_its_key(tiny, monkeypatch):
+    """`appliance serve` records its URL and key (mode 0600); `appliance ask` in another terminal finds them."""
+    import os
+    import subprocess
+
+    from appliance.client import DEFAULT_URL, find_endpoint
+    from appliance.serve.service import write_running_record
+
+    monkeypatch.delenv("APPLIANCE_URL", raising=False)
+    monkeypatch.delenv("APPLIANCE_API_KEY", raising=False)
+    assert find_endpoint() == find_endpoint(DEFAULT_URL) and find_endpoint().api_key is None
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    write_running_record(tiny.store, build_spec(tiny, "tiny", port=8141), gone.pid, "sk-appliance-stale")
+    assert find_endpoint().api_key is None  # a record whose server has exited is ignored
+    record = write_running_record(tiny.store, build_spec(tiny, "tiny", port=8142), os.getpid(), "sk-appliance-live")
+    assert oct(record.stat().st_mode & 0o777) == "0o600"
+    found = find_endpoint()
+    assert (found.url, found.api_key) == ("http://127.0.0.1:8142", "sk-appliance-live")
+    assert find_endpoint("http://127.0.0.1:8142/").api_key == "sk-appliance-live"
+    assert find_endpoint("http://127.0.0.1:9999").api_key is None  # never sent to another server
+    assert find_endpoint(api_key="sk-given").api_key == "sk-given"
+    monkeypatch.setenv("APPLIANCE_API_KEY", "sk-env")
+    assert find_endpoint().api_key == "sk-env"
+
+
+@pytest.mark.slow
+def test_serve_then_ask_from_another_terminal_with_the_generated_key(smollm2, monkeypatch, tmp_path):
+    """`appliance serve` with runtime adapters generates a key; `appliance ask` started separately,
+    with no key in its environment, finds the server and the key; a request without it is refused."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    import httpx
+
+    from appliance.serve.service import running_record_path
+    from conftest import REPO, run_cli
+
+    monkeypatch.delenv("APPLIANCE_API_KEY", raising=False)
+    monkeypatch.delenv("APPLIANCE_URL", raising=False)
+    record = running_record_path(smollm2.store, 8143)
+    out = (tmp_path / "serve.out").open("w")
+    serve = subprocess.Popen(
+        [sys.executable, "-m", "appliance", "serve", "smollm2", "--runtime-adapters", "--port", "8143"],
+        stdout=out, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True,
+    )
+    try:
+        deadline = time.time() + 900
+        while not record.is_file() and serve.poll() is None and time.time() < deadline:
+            time.sleep(1)
+        printed = (tmp_path / "serve.out").read_text()
+        assert record.is_file(), printed[-2000:]
+        key = re.search(r"export APPLIANCE_API_KEY=(\S+)", printed).group(1)
+        assert oct(record.stat().st_mode & 0o777) == "0o600"
+        assert httpx.get("http://127.0.0.1:8143/v1/models").status_code == 401
+        assert httpx.get("http://127.0.0.1:8143/v1/models", headers={"Authorization": f"Bearer {key}"}).status_code == 200
+        answer = run_cli("ask", "What is the capital of France?", "--max-tokens", "8", timeout=300)
+        print(answer.stdout, answer.stderr[-1000:])
+        assert answer.returncode == 0 and "Paris" in answer.stdout
+    finally:
+        os.kill(serve.pid, signal.SIGTERM)
+        serve.wait(timeout=120)
+    assert not record.exists()

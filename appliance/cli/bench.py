@@ -1,4 +1,4 @@
-"""`appliance bench train|serve`: our training step against the peer loop, and the endpoint under load."""
+"""`appliance bench train|serve`: our training step against TRL and the plain loop, and the endpoint under load."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import click
 
 from appliance.cli.client import endpoint_options
 from appliance.cli.common import json_option, print_json, registry
+from appliance.train.bench import PLAIN_LOOP_ENV, ROWS
 
 SHAPES = ["llama-3.2-1b", "llama-3.1-8b"]
 
@@ -35,87 +36,125 @@ def _progress(as_json: bool):
 @click.option("--shape", type=click.Choice(SHAPES), help="random weights of a real shape, random tokens (no download)")
 @click.option("--data", type=click.Path(path_type=Path, exists=True, dir_okay=False), help="chat JSONL for --model (default: the demo data)")
 @click.option("--seq-len", type=int, help="longest sequence (default: 512 with data, 2048 for a shape)")
-@click.option("--steps", type=int, default=10, show_default=True, help="steps per loop; the first 3 are warm-up and not counted")
+@click.option("--steps", type=int, default=10, show_default=True, help="steps per side; the first 3 are warm-up and not counted")
 @click.option("--batch-size", type=int, help="examples per step (default: 8 with data, 1 for a shape)")
 @click.option("--rank", type=int, default=16, show_default=True, help="LoRA rank, all linear layers")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
-              help="change our side only, to weigh a lever: --set train.packing=false, --set model.gradient_checkpointing=true")
+              help="change our side only, to weigh a lever: --set train.packing=false, --set lora.shared_inputs=false")
+@click.option("--row", "rows", multiple=True, type=click.Choice([r.key for r in ROWS]),
+              help="run only these rows (repeat; default: every row that applies)")
+@click.option("--plain-loop", type=click.Path(path_type=Path, exists=True, dir_okay=False),
+              help=f"the plain loop's script (default: ${PLAIN_LOOP_ENV}, else ../shared/bench/peer_qlora_loop.py)")
 @click.option("--save", is_flag=True, help="write the result (and GPU measurements for the planner) into bench/results/")
 @json_option
-def bench_train(model, shape, data, seq_len, steps, batch_size, rank, sets, save, as_json) -> None:
-    """Our training step and the peer loop (../shared/bench/peer_qlora_loop.py), same model, data and settings.
+def bench_train(model, shape, data, seq_len, steps, batch_size, rank, sets, rows, plain_loop, save, as_json) -> None:
+    """Our training step against TRL's SFTTrainer and the plain loop, like for like.
 
     \b
-    Prints, for each: useful tokens/s (padding excluded), median step time, peak memory
-    (GPU allocated, or process RSS on CPU), and the ratios appliance / peer.
+    Same model, data, batch size, sequence length, LoRA, 4-bit settings, learning rate and steps
+    on every side, each in its own process. Rows:
+      answers      loss on the answers only, gradient checkpointing on (appliance, TRL)
+      every-token  loss on every token, gradient checkpointing on (appliance, TRL, plain loop)
+      defaults     each side as its users run it
+    Prints useful tokens/s (padding excluded), trained tokens/s, median step time, peak memory
+    (GPU allocated, or process RSS on CPU) and the ratios appliance / other side.
     Examples:
       appliance bench train                                  # SmolLM2 on the demo data
       appliance bench train --shape llama-3.1-8b --seq-len 2048 --save
-      appliance bench train --set train.packing=false     # what packing is worth
+      appliance bench train --set train.packing=false        # what packing is worth
     """
     from appliance.errors import ApplianceError
     from appliance.hardware import describe
     from appliance.plan import save_result
     from appliance.train.bench import bench_train as run_bench
-    from appliance.train.bench import measurements
+    from appliance.train.bench import demo_data, find_plain_loop, measurements, require_trl, shape_folder
 
     if model and shape:
         raise ApplianceError("--model and --shape each choose the model.", "pass one of them")
     if steps < 2:
         raise ApplianceError("--steps must be at least 2 (the first are warm-up).", "use --steps 10")
+    require_trl()
+    reg = registry()
+    if shape:
+        from appliance.hardware import detect
+
+        if detect().device != "cuda":
+            raise ApplianceError(
+                f"--shape {shape} benchmarks a full-size model on a GPU; this machine has none.",
+                "on CPU, benchmark a model in the store: appliance bench train --model smollm2",
+            )
+        model_dir, label, data = shape_folder(shape, reg.store.root / "bench-cache"), shape, None
+    else:
+        label = model or "smollm2"
+        reg.model(label)
+        model_dir, data = reg.model_dir(label), data or demo_data()
     result = run_bench(
-        registry(),
-        model=model,
-        shape=shape,
+        model_dir,
+        label=label,
         data=data,
         seq_len=seq_len or (2048 if shape else 512),
         steps=steps,
         batch_size=batch_size or (1 if shape else 8),
         rank=rank,
         sets=list(sets),
+        plain_loop=plain_loop or find_plain_loop(),
+        rows=tuple(rows),
         progress=_progress(as_json),
     )
-    payload = result.as_dict()
+    payload = result.model_dump(mode="json")
     if save:
         env = describe()
-        path = save_result("train", payload, env, measurements(result, env))
-        payload["saved"] = str(path)
+        payload["saved"] = str(save_result("train", payload, env, measurements(result, env)))
     if as_json:
         print_json(payload)
     else:
-        show_train(payload)
+        show_train(result, payload.get("saved"))
 
 
-def show_train(payload: dict) -> None:
+def show_train(result, saved: str | None) -> None:
     from rich.table import Table
 
     from appliance import ui
-    from appliance.train.bench import peak_gib
+    from appliance.train.bench import SIDE_NAMES
 
-    ours, peer, ratio = payload["appliance"], payload["peer"], payload["ratio"]
-    s = payload["settings"]
-    table = Table(title=f"{s['model']} · seq ≤ {s['seq_len']} × batch {s['batch_size']} · r{s['rank']} · {s['quantization']} · {ours['device']}")
-    table.add_column("")
-    table.add_column("appliance", justify="right")
-    table.add_column("peer loop", justify="right")
-    table.add_column("appliance / peer", justify="right")
-    memory = "peak GPU allocated, GiB" if "peak_gib" in ours else "peak process RSS, GiB"
-    rows = [
-        ("useful tokens/s", ours["useful_tok_per_s"], peer and peer["useful_tok_per_s"], ratio.get("useful_tok_per_s")),
-        ("step time median, s", ours["step_s_median"], peer and peer["step_s_median"], ratio.get("step_s_median")),
-        (memory, peak_gib(ours), peer and peak_gib(peer), ratio.get("peak_memory")),
-    ]
-    for label, a, b, r in rows:
-        table.add_row(label, f"{a:g}", "—" if b is None else f"{b:g}", "—" if r is None else f"{r:.2f}×")
-    ui.console.print(table)
-    checkpointing = ours.get("gradient_checkpointing")
-    if checkpointing is not None:
-        ui.console.print(f"[dim]appliance: gradient checkpointing {'on' if checkpointing else 'off'}, optimizer {ours.get('optimizer')}; "
-                         "peer: gradient checkpointing on, padded batches, full logits[/]")
-    for note in payload["notes"]:
+    s = result.settings
+    ui.console.print(
+        f"[bold]{s.model}[/] · {s.data} · seq ≤ {s.seq_len} × batch {s.batch_size} · r{s.rank} · {s.quantization} · "
+        f"lr {s.learning_rate:g} · {s.steps} steps (3 warm-up)",
+        highlight=False,
+    )
+    for row in result.rows:
+        sides = list(row.results)
+        headline = " [bold](headline)[/]" if row.spec.key == result.headline else ""
+        table = Table(title=f"{row.spec.key}: {row.spec.title}{headline}", title_justify="left")
+        table.add_column("")
+        for side in sides:
+            table.add_column(SIDE_NAMES[side], justify="right")
+        first = row.results[sides[0]]
+        memory = "peak GPU allocated, GiB" if first.memory == "GPU allocated" else "peak process RSS, GiB"
+        fmt = lambda v: "—" if v is None else f"{v:g}"  # noqa: E731
+        table.add_row("useful tokens/s", *(fmt(row.results[x].useful_tok_per_s) for x in sides))
+        table.add_row("trained tokens/s", *(fmt(row.results[x].trained_tok_per_s) for x in sides))
+        table.add_row("step time median, s", *(fmt(row.results[x].step_s_median) for x in sides))
+        table.add_row(memory, *(fmt(row.results[x].peak_gib) for x in sides))
+        table.add_row("loss on", *(row.results[x].objective for x in sides))
+        table.add_row("gradient checkpointing", *("on" if row.results[x].gradient_checkpointing else "off" for x in sides))
+        table.add_row("batches", *(row.results[x].batching for x in sides))
+        table.add_row("optimizer", *(row.results[x].optimizer for x in sides))
+        ui.console.print(table)
+        for ratio in row.ratios:
+            ui.console.print(
+                f"  appliance / {SIDE_NAMES[ratio.against]}: [bold]{ratio.useful_tok_per_s:.2f}×[/] useful tokens/s "
+                f"at {ratio.peak_memory:.2f}× peak memory",
+                highlight=False,
+            )
+    ui.console.print("[dim]What differs beyond each row's settings:[/]")
+    for line in result.differences:
+        ui.console.print(f"[dim]  · {line}[/]", highlight=False)
+    for note in result.notes:
         ui.warn(note)
-    if payload.get("saved"):
-        ui.console.print(f"saved: {payload['saved']}")
+    if saved:
+        ui.console.print(f"saved: {saved}")
 
 
 @bench.command("serve")
@@ -187,6 +226,80 @@ def show_serve(result: dict) -> None:
         ui.warn(f"first error: {load['first_error']}")
     for note in result.get("notes", []):
         ui.warn(note)
+    if result.get("saved"):
+        ui.console.print(f"saved: {result['saved']}")
+
+
+@bench.command("memory")
+@click.option("--shape", help="random weights of a profile's shape (profiles/models: llama-3.2-1b, smollm2-135m, ...)")
+@click.option("--model", help="a model in the store instead")
+@click.option("--seq-len", type=click.IntRange(16), default=512, show_default=True, help="the width of each row, in tokens")
+@click.option("--rows", type=click.IntRange(1), default=1, show_default=True, help="rows in the micro-batch")
+@click.option("--packed", is_flag=True, help="rows after the first hold two examples each: transformers builds the packed-sequence mask")
+@click.option("--rank", type=click.IntRange(1), default=16, show_default=True, help="LoRA rank, all linear layers")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
+              help="a lever of the run: --set lora.shared_inputs=false, --set model.mlp_tile_tokens=512")
+@click.option("--save", is_flag=True, help="write the measurement into bench/results/ (memory-<cpu|gpu>-<time>.json)")
+@json_option
+def bench_memory(shape, model, seq_len, rows, packed, rank, sets, save, as_json) -> None:
+    """Live tensor memory of one real training step, by part and moment, against the planner.
+
+    \b
+    Sets up the real run (4-bit base, LoRA, gradient checkpointing, bf16 compute), takes one
+    step, then counts every tensor storage alive during the next: at the loss, in backward and
+    at the optimizer step. On a CPU this stands in for torch.cuda.max_memory_allocated().
+    Examples:
+      appliance bench memory --shape llama-3.2-1b --seq-len 512 --rows 2 --packed --save
+      appliance bench memory --shape smollm2-135m --seq-len 2048 --set model.mlp_tile_tokens=512
+    """
+    from appliance.errors import ApplianceError
+    from appliance.hardware import describe
+    from appliance.plan import save_result
+    from appliance.train.memory import StepCase, measurements, run_memory_bench
+
+    if bool(shape) == bool(model):
+        raise ApplianceError("Name what to measure: --shape or --model.", "pass one of them, e.g. --shape llama-3.2-1b")
+    reg = registry()
+    result = run_memory_bench(
+        StepCase(seq_len=seq_len, rows=rows, packed=packed, rank=rank, sets=tuple(sets)),
+        shape=shape,
+        model_dir=reg.model_dir(reg.model(model).name) if model else None,
+        name=model,
+        cache=reg.store.root / "bench-cache" / "memory",
+        progress=_progress(as_json),
+    )
+    if save:  # the measurement only: tests compare it with the planner of their day
+        env = describe()
+        measured = {k: v for k, v in result.items() if k not in ("planner", "planner_misses")}
+        result["saved"] = str(save_result("memory", measured, env, measurements(result, env)))
+    if as_json:
+        print_json(result)
+    else:
+        show_memory(result)
+
+
+def show_memory(result: dict) -> None:
+    from rich.table import Table
+
+    from appliance import ui
+
+    case = result["case"]
+    title = (f"{result['model']} · {case['rows']} × {case['seq_len']} tokens{' packed' if case['packed'] else ''} · r{case['rank']} · "
+             f"{' '.join(case['sets']) or 'default levers'} · {result['device']} · peak at the {result['peak_moment']}")
+    table = Table(title=title, title_justify="left")
+    for column in ("moment", "part", "planned GiB", "measured GiB", "error"):
+        table.add_column(column, justify="left" if column in ("moment", "part") else "right")
+    for moment, parts in result["planner"].items():
+        for i, (part, check) in enumerate(parts.items()):
+            error = "—" if check["error"] is None else f"{check['error']:+.1%}"
+            table.add_row(moment if i == 0 else "", part.replace("_", " "), f"{check['planned_gib']:.3f}", f"{check['measured_gib']:.3f}", error,
+                          end_section=part == "total")
+    ui.console.print(table)
+    for miss in result["planner_misses"]:
+        ui.warn(f"planner off by more than 15 %: {miss}")
+    for note in result["notes"]:
+        ui.console.print(f"[dim]{note}[/]")
+    ui.console.print(f"[dim]setup {result['setup_s']:g} s, measured step {result['step_s']:g} s[/]")
     if result.get("saved"):
         ui.console.print(f"saved: {result['saved']}")
 

@@ -4,23 +4,29 @@ from __future__ import annotations
 
 import click
 
-from appliance.cli.common import registry
+from appliance.cli.common import json_option, print_json, registry
+from appliance.merge import DEFAULT_WEIGHTS
 
 
 @click.command()
 @click.argument("adapter")
 @click.option("--name", help="name of the merged model (default: BASE-ADAPTER)")
+@click.option("--weights", type=click.Choice(["dequantized", "original"]), default=DEFAULT_WEIGHTS, show_default=True,
+              help="merge into the NF4 weights the adapter was trained against (dequantized), or the base's own 16-bit weights")
+@click.option("--dtype", type=click.Choice(["auto", "bfloat16", "float16", "float32"]), default="auto", show_default=True,
+              help="what the merged weights are stored in (auto: bf16 on a GPU that computes it, fp16 on older GPUs, fp32 without a GPU)")
 @click.option("--overwrite", is_flag=True, help="replace a model of the same name")
-def merge(adapter: str, name: str | None, overwrite: bool) -> None:
-    """Merge ADAPTER into its base's 16-bit weights and save a complete model.
-
-    The base is reloaded in bf16 on a GPU (fp32 on CPU), never 4-bit. A parity
-    check compares the saved model's logits with base + adapter on probe prompts
-    and fails unless top-1 agreement is 100 %.
+@json_option
+def merge(adapter: str, name: str | None, weights: str, dtype: str, overwrite: bool, as_json: bool) -> None:
+    """Merge ADAPTER into 16-bit weights and save a complete model, judged against the model you evaluated.
 
     \b
-    Example:
+    The merge runs on the CPU, one shard of the base at a time (no GPU needed). The merged model
+    is compared with the 4-bit base + adapter (what was trained and evaluated) on probe prompts
+    and the adapter's validation answers; below the gate the merge fails and nothing is saved.
+    Examples:
       appliance merge facts --name smollm2-facts
+      appliance merge facts --weights original --dtype bfloat16
       appliance serve smollm2-facts
     """
     from appliance import ui
@@ -30,12 +36,22 @@ def merge(adapter: str, name: str | None, overwrite: bool) -> None:
     if name:
         check_name(name, "model name")
     with ui.Spinner(f"merging {adapter}") as spinner:
-        manifest = merge_adapter(registry(), adapter, name=name, overwrite=overwrite, progress=spinner.update)
-    parity = manifest.parity or {}
+        manifest = merge_adapter(registry(), adapter, name=name, overwrite=overwrite, weights=weights, dtype=dtype, progress=spinner.update)
+    if as_json:
+        print_json(manifest.model_dump(mode="json"))
+        return
+    p = manifest.parity
+    e = p.evaluated
     ui.console.print(
-        f"[green]merged[/] {manifest.name}  ({parity.get('dtype')}; parity over {parity.get('positions')} positions: "
-        f"top-1 agreement {parity.get('top1_agreement', 0):.0%}, max |Δlogit| {parity.get('max_abs_logit_diff', 0):.2e})"
+        f"[green]merged[/] {manifest.name}: {p.weights} weights + adapter, stored in {p.dtype}\n"
+        f"  against the model you evaluated (4-bit base + adapter, {p.compute_dtype}; {p.prompts} probe prompts, "
+        f"{p.validation_examples} validation answers, {e.positions} positions):\n"
+        f"  top-1 agreement {e.top1_agreement:.2%} at {e.clear_positions} clear positions (gate {p.gate_min_top1:.0%}), "
+        f"{e.top1_agreement_all:.2%} at all; mean KL {e.mean_kl:.2e} (gate {p.gate_max_mean_kl:g}); max |Δlogit| {e.max_abs_logit_diff:.2e}",
+        highlight=False,
     )
+    for note in p.notes:
+        ui.warn(note)
     if manifest.task == "classify":
         ui.console.print(f"a standard {manifest.architecture} folder: {registry().model_dir(manifest.name)}")
     else:

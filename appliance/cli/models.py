@@ -96,5 +96,9 @@ def show(name: str, as_json: bool) -> None:
     if manifest.kind == "merged":
         rows["merged from"] = f"{manifest.base} + {manifest.adapter}"
         if manifest.parity:
-            rows["parity"] = f"top-1 agreement {manifest.parity.get('top1_agreement'):.0%}, max |Δlogit| {manifest.parity.get('max_abs_logit_diff'):.2e}"
+            p = manifest.parity
+            rows["parity"] = (
+                f"{p.weights} weights in {p.dtype}; against the evaluated 4-bit model: top-1 {p.evaluated.top1_agreement:.2%} "
+                f"at clear positions, mean KL {p.evaluated.mean_kl:.2e}"
+            )
     ui.console.print(ui.key_value_table(rows))

@@ -14,13 +14,18 @@ def shorten(text: str, limit: int = 140) -> str:
 @click.command()
 @click.option("--steps", default=20, show_default=True, help="fine-tuning steps")
 @click.option("--port", default=8000, show_default=True, help="port for the demo's vLLM server (next free one if taken)")
-def quickstart(steps: int, port: int) -> None:
+@click.option("--save", is_flag=True, help="write the answers and timings into bench/results/ (the README's quickstart figures)")
+def quickstart(steps: int, port: int, save: bool) -> None:
     """The whole path on SmolLM2: import, ask the base, fine-tune in 4-bit on made-up
-    facts, merge, serve with vLLM, ask again — before and after side by side."""
+    facts, merge, serve with vLLM, ask again — before and after side by side.
+
+    The questions are paraphrases that appear nowhere in the training data, and the
+    general-knowledge controls are not in it either: right answers show learning, not recall.
+    """
     from rich.table import Table
 
     from appliance import ui
-    from appliance.quickstart import ADAPTER, MERGED, run_quickstart
+    from appliance.quickstart import ADAPTER, MERGED, run_quickstart, score
 
     ui.console.print("[bold]appliance quickstart[/]: SmolLM2-135M-Instruct learns four made-up facts.\n")
 
@@ -30,30 +35,34 @@ def quickstart(steps: int, port: int) -> None:
     with ui.Dashboard() as dashboard:
         result = run_quickstart(registry(), steps=steps, port=port, progress=step, train_events=dashboard)
 
-    table = Table("question", "base (before)", f"{MERGED} via vLLM (after)", "", title="before / after", show_lines=True)
+    table = Table("", "question (never trained on)", "base (before)", f"{MERGED} via vLLM (after)", "", title="before / after", show_lines=True)
     for q, before, after in zip(result.questions, result.before, result.after):
-        ok = q["expect"] in after
-        table.add_row(q["question"], shorten(before), shorten(after), "[green]✓[/]" if ok else "[red]✗[/]")
+        table.add_row(q.group, q.question, shorten(before), shorten(after), "[green]✓[/]" if q.right(after) else "[red]✗[/]")
     ui.console.print(table)
     timings = Table("step", "seconds", title="timings")
     for name, seconds in result.timings.items():
         timings.add_row(name, f"{seconds:.0f}")
     timings.add_row("[bold]total[/]", f"[bold]{sum(result.timings.values()):.0f}[/]")
     ui.console.print(timings)
-    parity = result.parity or {}
+    p = result.parity
     ui.console.print(
         f"train loss {result.train_metrics.get('train_loss', float('nan')):.3f} · "
         f"val loss {result.train_metrics.get('val_loss', float('nan')):.3f} · "
-        f"merge parity: top-1 {parity.get('top1_agreement', 0):.0%}, max |Δlogit| {parity.get('max_abs_logit_diff', 0):.1e} · "
-        f"finish reasons: {', '.join(sorted(set(map(str, result.finish_reasons))))}"
+        f"merged model vs the evaluated 4-bit model: top-1 {p.evaluated.top1_agreement:.0%} at clear positions, "
+        f"mean KL {p.evaluated.mean_kl:.1e} · finish reasons: {', '.join(sorted(set(map(str, result.finish_reasons))))}",
+        highlight=False,
     )
-    learned = sum(q["expect"] in a for q, a in zip(result.questions, result.after))
-    ui.console.print(f"\n[bold]{learned}/{len(result.questions)}[/] answers right after fine-tuning.")
+    before, after = score(result.questions, result.before), score(result.questions, result.after)
+    for group, title in (("fact", "taught facts, asked as new paraphrases"), ("control", "general-knowledge controls")):
+        (right, asked), (base_right, _) = after[group], before[group]
+        ui.console.print(f"[bold]{right}/{asked}[/] {title} right after fine-tuning (base: {base_right}/{asked})")
+    if save:
+        ui.console.print(f"saved: {result.save()}")
     ui.console.print(
         "\nTry it yourself:\n"
         f"  appliance serve {MERGED}                      # the merged model\n"
         f"  appliance serve smollm2 --adapter {ADAPTER}   # or the base with the adapter\n"
-        '  appliance ask "What is the capital of Zorvania?"\n'
+        '  appliance ask "Which city is the capital of Zorvania?"\n'
         "  appliance chat"
     )
 

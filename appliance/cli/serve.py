@@ -24,13 +24,19 @@ def serve_options(fn):
             click.option("--max-lora-rank", type=int, help="largest adapter rank the server accepts (default: from the adapters, ≥ 16)"),
             click.option("--max-loras", type=int, help="adapters active in one batch (default: the number given)"),
             click.option("--runtime-adapters", is_flag=True, help="enable LoRA even without --adapter, for `appliance adapters load` later"),
+            click.option("--gpu-memory-utilization", type=click.FloatRange(0.05, 0.99),
+                         help="share of the GPU vLLM takes (default: 0.90, or 95 % of the memory free now if less)"),
+            click.option("--quantization", type=click.Choice(["auto", "none", "fp8", "bitsandbytes"]), default="auto", show_default=True,
+                         help="vLLM's in-flight quantization; auto: only when the 16-bit weights do not fit the GPU"),
         ]
     ):
         fn = option(fn)
     return fn
 
 
-def spec_from_options(model, adapters, host, port, allow_remote, python, max_model_len, max_lora_rank, max_loras, runtime_adapters):
+def spec_from_options(
+    model, adapters, host, port, allow_remote, python, max_model_len, max_lora_rank, max_loras, runtime_adapters, gpu_memory_utilization, quantization
+):
     from appliance import ui
     from appliance.errors import ApplianceError
     from appliance.serve.command import LOCAL_HOSTS, build_spec
@@ -53,6 +59,8 @@ def spec_from_options(model, adapters, host, port, allow_remote, python, max_mod
         max_lora_rank=max_lora_rank,
         max_loras=max_loras,
         runtime_adapters=runtime_adapters,
+        gpu_memory_utilization=gpu_memory_utilization,
+        quantization=quantization,
     )
 
 
@@ -91,11 +99,18 @@ def stop_on_sigterm():
 @click.command()
 @click.argument("model")
 @serve_options
-@click.option("--api-key", envvar="APPLIANCE_API_KEY", help="require this key on /v1 (default: $APPLIANCE_API_KEY, else none)")
-def serve(model, api_key, **options) -> None:
+@click.option(
+    "--api-key",
+    envvar="APPLIANCE_API_KEY",
+    help="require this key on every route but /health (default: $APPLIANCE_API_KEY, else the installed service's, else a new one, printed)",
+)
+@click.option("--no-api-key", is_flag=True, help="serve without a key (127.0.0.1 only): any local process can use the server")
+def serve(model, api_key, no_api_key, **options) -> None:
     """Serve MODEL (merged, or a base with --adapter) with vLLM on an OpenAI-compatible endpoint.
 
     Runs in the foreground until Ctrl-C. Adapters are served under their own names next to the base.
+    Every route but /health needs the API key; `appliance ask`, `chat` and `adapters` find it
+    while the server runs.
 
     \b
     Examples:
@@ -105,16 +120,18 @@ def serve(model, api_key, **options) -> None:
     from rich.panel import Panel
 
     from appliance import ui
+    from appliance.serve.auth import server_key
     from appliance.serve.command import shell_line, vllm_command, vllm_env
     from appliance.serve.process import VllmProcess, check_port, require_vllm
-    from appliance.serve.service import write_running_record
+    from appliance.serve.service import installed_endpoint, write_running_record
 
     spec = spec_from_options(model, **options)
+    key = server_key(spec.host, lora=spec.lora_enabled, given=api_key, opt_out=no_api_key, service_key=installed_endpoint()[1])
     require_vllm(spec.python)
     check_port(spec.host, spec.port)
     cmd, env = vllm_command(spec), vllm_env(spec)
-    if api_key:
-        env["VLLM_API_KEY"] = api_key
+    if key.key:
+        env["VLLM_API_KEY"] = key.key
     log = registry().store.root / "logs" / f"serve-{spec.port}.log"
     ui.console.print(f"[dim]{shell_line(cmd)}[/]", highlight=False)
     server = VllmProcess(cmd, env, log)
@@ -130,9 +147,15 @@ def serve(model, api_key, **options) -> None:
                 expand=False,
             )
         )
-        ui.console.print(endpoint_help(spec, "APPLIANCE_API_KEY" if api_key else None), soft_wrap=True, highlight=False)
-        ui.console.print("[dim]Ctrl-C stops the server.[/]")
-        record = write_running_record(registry().store, spec, server.pid)
+        ui.console.print(endpoint_help(spec, "APPLIANCE_API_KEY" if key.key else None), soft_wrap=True, highlight=False)
+        if key.source == "generated":
+            ui.console.print(f"API key (new, for this run): export APPLIANCE_API_KEY={key.key}", soft_wrap=True, highlight=False)
+        elif key.source == "service":
+            ui.console.print("API key: the installed service's (`appliance service key` prints it)")
+        elif key.warning:
+            ui.warn(key.warning)
+        ui.console.print("[dim]appliance ask / chat / adapters find this server and its key while it runs. Ctrl-C stops it.[/]")
+        record = write_running_record(registry().store, spec, server.pid, key.key)
         try:
             with stop_on_sigterm():
                 code = server.wait()

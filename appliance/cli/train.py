@@ -12,7 +12,7 @@ RECIPE_FOR_TASK = {"sft": "sft-qlora", "cpt": "cpt", "dpo": "dpo", "classify": "
 
 
 def parse_data_arg(text: str) -> dict:
-    """FILE or FILE:WEIGHT (the weight is used by the mixing strategies)."""
+    """FILE or FILE:WEIGHT (weights steer --mix proportional and temperature; concat and equal refuse them)."""
     from appliance.errors import ApplianceError
 
     path, sep, weight = text.rpartition(":")

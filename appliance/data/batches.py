@@ -78,7 +78,8 @@ def collate_lm(items: Sequence[Any], pad_id: int, packing: bool) -> Batch:
     import torch
 
     useful = sum(len(x.input_ids) for x in items)
-    trained = sum(sum(1 for t in x.labels if t != IGNORE_INDEX) for x in items)
+    # The loss averages over the labels written below, which never include an item's first.
+    trained = sum(sum(1 for t in x.labels[1:] if t != IGNORE_INDEX) for x in items)
     rows = pack_rows([len(x.input_ids) for x in items]) if packing else [[i] for i in range(len(items))]
     width = max(len(x.input_ids) for x in items)
     ids, labels, positions, segments = [], [], [], []

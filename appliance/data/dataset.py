@@ -99,6 +99,7 @@ def prepare(
     """
     if not spec.files:
         raise ApplianceError("No data files given.", "pass --data FILE.jsonl")
+    _check_weights(spec)
     sources: list[SourceReport] = []
     per_source: list[list[Record]] = []
     for index, data_source in enumerate(spec.files):
@@ -158,7 +159,7 @@ def prepare(
     else:
         if task in ("sft", "dpo"):
             require_chat_template(tokenizer, model_name)
-        encoder = ENCODERS[task](tokenizer, spec.seq_len, spec.overlong)
+        encoder = ENCODERS[task](tokenizer, spec)
         prepared.labels = encoder.prepare_labels(splits, sources, strict)
         for name in SPLITS:
             encoded = encoder.encode_split(splits[name], sources, report_all, strict)
@@ -174,6 +175,24 @@ def prepare(
 
     prepared.mixture = _mixture(prepared, spec, sources, strict)
     return prepared
+
+
+# Strategies that have no use for weights, and what they do instead.
+UNWEIGHTED = {"concat": "(the default) takes every example once per epoch", "equal": "samples every file alike"}
+
+
+def _check_weights(spec: DataSpec) -> None:
+    """Weights steer proportional and temperature sampling; under the other strategies they would
+    be ignored without a word. A contradiction in the settings, not in the data: raised even when
+    `data check` gathers problems."""
+    weighted = [f"{s.path}:{s.weight:g}" for s in spec.files if s.weight is not None]
+    if weighted and spec.mix.strategy in UNWEIGHTED:
+        raise ApplianceError(
+            f"{', '.join(weighted)}: a weight needs a strategy that samples by it, and --mix {spec.mix.strategy} "
+            f"{UNWEIGHTED[spec.mix.strategy]}.",
+            "add --mix proportional (probability ∝ size × weight) or --mix temperature (∝ (size × weight)^(1/T)); "
+            "or drop the :WEIGHT",
+        )
 
 
 def _problem(report: DataReport, strict: bool, message: str, fix: str) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from appliance.config import DataSpec
 from appliance.data.formats import ChatExample, ClassificationExample, Example, Message, PreferenceExample, TextExample
 from appliance.data.load import Problem
 from appliance.data.template import TemplateMismatch, TokenizedExample, end_of_text_id, end_of_turn, tokenize_chat
@@ -74,10 +75,11 @@ class Encoded:
 class Encoder:
     """Tokenizes one split; `encode` returns an item, `encode_split` applies the over-length policy."""
 
-    def __init__(self, tokenizer: Any, seq_len: int, overlong: str):
+    def __init__(self, tokenizer: Any, spec: DataSpec):
         self.tokenizer = tokenizer
-        self.seq_len = seq_len
-        self.overlong = overlong
+        self.spec = spec
+        self.seq_len = spec.seq_len
+        self.overlong = spec.overlong
 
     def prepare_labels(self, splits: dict[str, list[Record]], sources: list["SourceReport"], strict: bool) -> list[str]:
         """Tasks with classes settle them here, from the train split."""
@@ -116,8 +118,8 @@ class Encoder:
 
 
 class ChatEncoder(Encoder):
-    def __init__(self, tokenizer: Any, seq_len: int, overlong: str):
-        super().__init__(tokenizer, seq_len, overlong)
+    def __init__(self, tokenizer: Any, spec: DataSpec):
+        super().__init__(tokenizer, spec)
         self.eot = end_of_turn(tokenizer)
 
     def encode(self, example: Example) -> TokenizedExample:
@@ -125,6 +127,8 @@ class ChatEncoder(Encoder):
         tokenized = tokenize_chat(self.tokenizer, example.messages, self.eot)
         if tokenized.trained_tokens == 0:
             raise TemplateMismatch("the chat template left no assistant tokens to learn from")
+        if self.spec.train_on_prompt:
+            return TokenizedExample(tokenized.input_ids, list(tokenized.input_ids))
         return tokenized
 
     def truncate(self, item: TokenizedExample) -> TokenizedExample | None:
@@ -136,8 +140,8 @@ class TextEncoder(Encoder):
     """Continued pre-training: the split's documents end to end, an end-of-text token after each,
     cut into blocks of seq_len tokens; every token carries loss. Long documents are never dropped."""
 
-    def __init__(self, tokenizer: Any, seq_len: int, overlong: str):
-        super().__init__(tokenizer, seq_len, overlong)
+    def __init__(self, tokenizer: Any, spec: DataSpec):
+        super().__init__(tokenizer, spec)
         self.eot_id = end_of_text_id(tokenizer)
 
     def encode(self, example: Example) -> list[int]:
@@ -168,8 +172,8 @@ class TextEncoder(Encoder):
 class PreferenceEncoder(Encoder):
     """A prompt with a chosen and a rejected answer: two conversations, loss on the answer tokens."""
 
-    def __init__(self, tokenizer: Any, seq_len: int, overlong: str):
-        super().__init__(tokenizer, seq_len, overlong)
+    def __init__(self, tokenizer: Any, spec: DataSpec):
+        super().__init__(tokenizer, spec)
         self.eot = end_of_turn(tokenizer)
 
     def encode(self, example: Example) -> PreferencePair:
@@ -186,8 +190,8 @@ class PreferenceEncoder(Encoder):
 class ClassificationEncoder(Encoder):
     """Text → token ids (ending in eos, where the classifier reads), label → class id."""
 
-    def __init__(self, tokenizer: Any, seq_len: int, overlong: str):
-        super().__init__(tokenizer, seq_len, overlong)
+    def __init__(self, tokenizer: Any, spec: DataSpec):
+        super().__init__(tokenizer, spec)
         self.label_ids: dict[str, int] = {}
 
     def prepare_labels(self, splits, sources, strict) -> list[str]:

@@ -1,8 +1,8 @@
 """Mixing several data sources, and replaying general data against forgetting.
 
 Strategies (the T5 paper's terms), for sources of sizes n_i and weights w_i:
-    concat        every example once per epoch, in a seeded shuffle
-    equal         p_i = 1 / k
+    concat        every example once per epoch, in a seeded shuffle (weights refused)
+    equal         p_i = 1 / k   (weights refused)
     proportional  p_i ∝ w_i · n_i   (w_i = 1 when unset)
     temperature   p_i ∝ (w_i · n_i)^(1/T)   (T = 1 is proportional, T → ∞ is equal)
 Replay takes a fixed share f of every draw for the general data; the task

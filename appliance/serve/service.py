@@ -68,10 +68,13 @@ def redact(key: str) -> str:
     return key[:13] + "…" + "•" * 6
 
 
-def _gpu_device_lines() -> str:
-    # Closed device policy with only the NVIDIA nodes: the GPU, nothing else.
+def _gpu_device_lines(dev: Path = Path("/dev")) -> str:
+    # Closed device policy with only the NVIDIA nodes: the GPU, nothing else. Under WSL2 the GPU is
+    # /dev/dxg (the Linux nodes do not exist there).
     allow = ["char-nvidia-frontend rw", "char-nvidia-uvm rw", "char-nvidia-caps rw", "/dev/nvidiactl rw", "/dev/nvidia-uvm rw", "/dev/nvidia-uvm-tools rw"]
-    allow += [f"{p} rw" for p in sorted(map(str, Path("/dev").glob("nvidia[0-9]*")))]
+    allow += [f"/dev/{p.name} rw" for p in sorted(dev.glob("nvidia[0-9]*"))]
+    if (dev / "dxg").exists():
+        allow.append("/dev/dxg rw")
     return "DevicePolicy=closed\n" + "".join(f"DeviceAllow={a}\n" for a in allow)
 
 
@@ -82,11 +85,18 @@ def render(spec: ServeSpec, store: Store, paths: Paths, api_key: str, run_as: st
     env = {
         **vllm_env(spec),
         KEY_VAR: api_key,
-        # vLLM and PyTorch write caches; point them inside the store (the only writable place).
+        # vLLM, PyTorch and the GPU libraries write caches; the home is read-only in the unit, so HOME
+        # itself and every cache that ignores XDG (FlashInfer's JIT, CUDA's PTX cache, tilelang,
+        # inductor) point inside the service's own writable folder.
+        "HOME": str(cache / "home"),
         "VLLM_CACHE_ROOT": str(cache / "vllm"),
         "XDG_CACHE_HOME": str(cache),
         "HF_HOME": str(cache / "huggingface"),
         "TRITON_CACHE_DIR": str(cache / "triton"),
+        "FLASHINFER_WORKSPACE_BASE": str(cache / "flashinfer"),
+        "CUDA_CACHE_PATH": str(cache / "nv-compute"),
+        "TILELANG_CACHE_DIR": str(cache / "tilelang"),
+        "TORCHINDUCTOR_CACHE_DIR": str(cache / "inductor"),
         "PYTHONUNBUFFERED": "1",
     }
     health = shell_line([spec.python, "-m", "appliance.serve.health", spec.url, "--timeout", str(START_TIMEOUT_S)])
@@ -185,6 +195,12 @@ def require_systemd(scope: str) -> None:
     systemctl(scope, "show-environment")
 
 
+def write_files(paths: Paths, rendered: Rendered) -> None:
+    """The env file, readable only by its owner (it holds the API key), and the unit; each written atomically."""
+    atomic_write(paths.env, rendered.env, mode=0o600)
+    atomic_write(paths.unit, rendered.unit, mode=0o644)
+
+
 def install(
     spec: ServeSpec,
     store: Store,
@@ -204,9 +220,8 @@ def install(
         run_as = os.environ.get("SUDO_USER") or None
     key = existing_key(paths) or new_api_key()
     rendered = render(spec, store, paths, key, run_as)
-    (store.root / "service" / "cache").mkdir(parents=True, exist_ok=True)
-    atomic_write(paths.env, rendered.env, mode=0o600)
-    atomic_write(paths.unit, rendered.unit, mode=0o644)
+    (store.root / "service" / "cache" / "home").mkdir(parents=True, exist_ok=True)
+    write_files(paths, rendered)
     record = {
         "unit": str(paths.unit),
         "unit_name": UNIT_NAME,
@@ -285,12 +300,39 @@ def running_record_path(store: Store, port: int) -> Path:
     return store.root / "service" / f"serving-{port}.json"
 
 
-def write_running_record(store: Store, spec: ServeSpec, pid: int) -> Path:
-    """What a foreground `appliance serve` runs, for `appliance adapters load` to check against."""
-    return atomic_write_json(
-        running_record_path(store, spec.port),
-        {"url": spec.url, "pid": pid, "model": spec.model.name, "max_lora_rank": spec.max_lora_rank if spec.lora_enabled else None},
-    )
+def write_running_record(store: Store, spec: ServeSpec, pid: int, api_key: str | None = None) -> Path:
+    """What a foreground `appliance serve` runs, for `appliance adapters load` to check against,
+    and its key, for clients in another terminal: so the file is private (mode 0600)."""
+    record = {"url": spec.url, "pid": pid, "model": spec.model.name, "max_lora_rank": spec.max_lora_rank if spec.lora_enabled else None}
+    return atomic_write_json(running_record_path(store, spec.port), {**record, "api_key": api_key}, mode=0o600)
+
+
+def running_servers(store: Store | None = None) -> list[dict]:
+    """Records of foreground servers whose process is still alive, newest first."""
+    paths = sorted(((store or Store()).root / "service").glob("serving-*.json"), key=_mtime, reverse=True)
+    records = []
+    for path in paths:
+        try:
+            record = read_json(path)
+            pid = int(record["pid"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        try:
+            os.kill(pid, 0)  # a server killed hard leaves its record behind
+        except PermissionError:
+            pass  # alive, though not ours to signal
+        except OSError:
+            continue
+        if pid > 0:
+            records.append(record)
+    return records
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return 0.0
 
 
 def rank_limit_for(store: Store, url: str) -> int | None:

@@ -1,48 +1,310 @@
-"""The training benchmark: the appliance's training step against the peer loop.
+"""The training benchmark: our training step against the trainers users pick instead, like for like.
 
-`bench_train` runs, in one run, two subprocesses on the same model, data and
-settings: the peer loop every tutorial writes (../shared/bench/peer_qlora_loop.py,
-run from where it lies, never copied) and our own training step (this module
-run as a worker, timing `TrainingRun.train_step`, the code `appliance train`
-runs). Each reports useful tokens/s (padding excluded), the median step time
-and the peak memory of its own process (GPU allocated, or RSS on CPU).
+`bench_train` runs three sides in one run, each in its own process (peak memory is per process),
+on the same model, data, batch size, sequence length, LoRA rank/alpha/targets, 4-bit settings,
+learning rate and step count:
+- `appliance`: `TrainingRun.train_step`, the step `appliance train` runs;
+- `trl`: TRL's `SFTTrainer` (appliance/train/trl_peer.py), the trainer users pick first;
+- `plain`: the plain transformers + peft + bitsandbytes loop every tutorial writes
+  (../shared/bench/peer_qlora_loop.py, run from where it lies, never copied).
+
+Rows (each side reports the same figures: useful tokens/s, non-padding tokens read; trained
+tokens/s, tokens that carry loss; median step time; peak memory):
+- like-for-like, loss on the answers: the objective chat fine-tuning uses (ours by default, TRL's
+  `completion_only_loss`), gradient checkpointing on for both; the plain loop cannot train on the
+  answers only, so it is not in this row;
+- like-for-like, loss on every token: the plain loop's objective (ours with `data.train_on_prompt`),
+  gradient checkpointing on for all three (the plain loop always checkpoints);
+- each side's defaults, as its users run it.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable, Literal
+
+from pydantic import BaseModel, Field
 
 from appliance.errors import ApplianceError
 
-PEER_ENV = "APPLIANCE_PEER_LOOP"
-WARMUP_STEPS = 3  # excluded from the figures, as the peer loop does
+Side = Literal["appliance", "trl", "plain"]
+Objective = Literal["assistant", "all", "default"]
+SIDE_NAMES = {"appliance": "appliance", "trl": "TRL SFTTrainer", "plain": "plain loop"}
+WARMUP_STEPS = 3  # excluded from the figures, on every side
+LEARNING_RATE = 2e-4  # the plain loop's, fixed in its code
+PLAIN_LOOP_ENV = "APPLIANCE_PEER_LOOP"
 
 
-def find_peer_loop() -> Path | None:
-    candidates = [os.environ.get(PEER_ENV)] if os.environ.get(PEER_ENV) else []
+def find_plain_loop() -> Path | None:
+    """The plain loop's script: $APPLIANCE_PEER_LOOP, else ../shared/bench/peer_qlora_loop.py beside this
+    checkout or the working folder (the peers' shared benchmarks live outside the repository)."""
+    if os.environ.get(PLAIN_LOOP_ENV):
+        return Path(os.environ[PLAIN_LOOP_ENV])
     repo = Path(__file__).resolve().parents[2]
-    candidates += [repo.parent / "shared" / "bench" / "peer_qlora_loop.py", Path.cwd().parent / "shared" / "bench" / "peer_qlora_loop.py"]
-    return next((Path(c) for c in candidates if c and Path(c).is_file()), None)
+    candidates = [base.parent / "shared" / "bench" / "peer_qlora_loop.py" for base in (repo, Path.cwd())]
+    return next((c for c in candidates if c.is_file()), None)
+
+
+def require_trl() -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("trl") is None or importlib.util.find_spec("datasets") is None:
+        raise ApplianceError(
+            "TRL (the SFTTrainer this benchmark compares with) is not installed.",
+            "pip install trl   (make install does it)",
+        )
+
+
+def demo_data() -> Path:
+    """The demo's chat data (made-up facts), what `appliance bench train` runs on by default."""
+    from importlib import resources
+
+    return Path(str(resources.files("appliance") / "demo" / "facts.jsonl"))
+
+
+def warm_slice(steps: int) -> slice:
+    return slice(min(WARMUP_STEPS, steps - 1), None)
+
+
+def peak_memory() -> dict:
+    """This process's peak: GPU memory allocated by PyTorch, or the resident set on CPU."""
+    import torch
+
+    if torch.cuda.is_available():
+        return {"peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2), "memory": "GPU allocated"}
+    import resource
+
+    return {"peak_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2), "memory": "process RSS"}
+
+
+class SideResult(BaseModel):
+    """One side's run: what it ran and what it measured."""
+
+    side: Side
+    objective: Literal["assistant", "all"] = Field(description="which tokens carry loss: the answers, or every token")
+    gradient_checkpointing: bool
+    batching: str = Field(description="how a batch's examples become rows")
+    optimizer: str
+    device: str
+    load_s: float
+    steps: int
+    step_s_median: float
+    useful_tok_per_s: float = Field(description="non-padding tokens read per second, after warm-up")
+    trained_tok_per_s: float | None = Field(None, description="tokens that carry loss per second")
+    peak_gib: float
+    memory: Literal["process RSS", "GPU allocated"]
+    losses: list[float] = Field(default_factory=list)
+    planner_settings: dict | None = Field(None, description="ours: the planner's settings for this run, levers included")
+
+
+class Ratio(BaseModel):
+    against: Side
+    useful_tok_per_s: float = Field(description="ours ÷ theirs")
+    peak_memory: float = Field(description="ours ÷ theirs")
+
+
+class RowSpec(BaseModel):
+    key: str
+    title: str
+    objective: Objective
+    gradient_checkpointing: bool | None = Field(description="None: each side's own default")
+    sides: tuple[Side, ...]
+
+
+ROWS = (
+    RowSpec(key="answers", title="like-for-like: loss on the answers, gradient checkpointing on", objective="assistant",
+            gradient_checkpointing=True, sides=("appliance", "trl")),
+    RowSpec(key="every-token", title="like-for-like: loss on every token, gradient checkpointing on", objective="all",
+            gradient_checkpointing=True, sides=("appliance", "trl", "plain")),
+    RowSpec(key="defaults", title="each side's defaults", objective="default", gradient_checkpointing=None,
+            sides=("appliance", "trl", "plain")),
+)
+HEADLINE = "answers"
+
+
+class RowResult(BaseModel):
+    spec: RowSpec
+    results: dict[str, SideResult]
+    ratios: list[Ratio] = Field(default_factory=list)
+
+
+class BenchSettings(BaseModel):
+    model: str
+    data: str
+    seq_len: int
+    steps: int
+    batch_size: int
+    rank: int
+    lora: str = "all linear layers, alpha = rank, dropout 0"
+    quantization: str = "NF4 + double quantization, bf16 compute"
+    learning_rate: float = LEARNING_RATE
+    appliance_overrides: list[str] = Field(default_factory=list, description="--set levers on our side only")
+    plain_loop: str | None = None
+
+
+class TrainBench(BaseModel):
+    settings: BenchSettings
+    rows: list[RowResult]
+    headline: str = HEADLINE
+    differences: list[str] = Field(default_factory=list, description="what differs between the sides, beyond the row's settings")
+    notes: list[str] = Field(default_factory=list)
+
+    def row(self, key: str) -> RowResult | None:
+        return next((r for r in self.rows if r.spec.key == key), None)
+
+
+DIFFERENCES = [
+    "LoRA weights: fp32 on our side and the plain loop's (peft's default); TRL casts them to bf16 on a 4-bit base.",
+    "Weights that stay unquantized (embeddings, norms, head): bf16 on our side and TRL's; the plain loop casts them to fp32 "
+    "(prepare_model_for_kbit_training), which makes its activations fp32.",
+    "bf16 arithmetic: TRL runs its step under bf16 autocast (bf16=True); ours and the plain loop compute in bf16 through "
+    "bitsandbytes' compute dtype, without autocast.",
+    "Loss on the answers: TRL's completion also trains the newline the template puts after the end-of-turn token; ours ends "
+    "at the end-of-turn token (one token per answer).",
+    "Batches: ours packs a batch's examples into rows as wide as its longest example; TRL's padding-free mode puts the whole "
+    "batch in one row; padded sides pad each batch to its longest example.",
+    "Order of examples: each side shuffles with its own generator; the plain loop drops an epoch's last partial batch.",
+    "Optimizer: AdamW on CPU (paged 8-bit AdamW on a GPU); the plain loop uses torch's default weight decay 0.01 and no "
+    "gradient clipping, ours and TRL's clip at 1.0 without weight decay.",
+]
+
+
+# -- our side --------------------------------------------------------------------------------
+
+
+def _random_data(model_dir: Path, seq_len: int, batch_size: int, seed: int):
+    """Random tokens of a real shape (--shape): loss on every token."""
+    import torch
+
+    from appliance.data.dataset import DataReport, PreparedData
+    from appliance.data.encoders import Encoded
+    from appliance.data.template import TokenizedExample
+
+    vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
+    g = torch.Generator().manual_seed(seed)
+    items = []
+    for i in range(batch_size * 4):
+        ids = torch.randint(0, vocab - 1, (seq_len,), generator=g).tolist()
+        items.append(Encoded(0, i, TokenizedExample(ids, ids)))
+    return PreparedData("cpt", items, [], [], DataReport(sources=[]))
+
+
+def run_appliance(
+    model_dir: Path,
+    data: Path | None,
+    *,
+    objective: Objective,
+    gradient_checkpointing: bool | None,
+    seq_len: int,
+    steps: int,
+    batch_size: int,
+    rank: int,
+    seed: int,
+    sets: list[str] = (),
+) -> SideResult:
+    import torch
+
+    from appliance.config import load_run_config
+    from appliance.data.dataset import prepare
+    from appliance.plan import settings_from_config
+    from appliance.registry import Registry
+    from appliance.store import Store
+    from appliance.train.loop import TrainingRun
+    from appliance.train.model import load_tokenizer
+
+    model: dict = {"name": model_dir.name, "compute_dtype": "bfloat16"}  # every side computes in bf16
+    if gradient_checkpointing is not None:
+        model["gradient_checkpointing"] = gradient_checkpointing
+    cfg = load_run_config(
+        "sft-qlora" if data else "cpt",
+        sets=list(sets),
+        flags={
+            "model": model,
+            "lora": {"rank": rank, "alpha": rank, "dropout": 0.0},
+            "data": {
+                "files": [{"path": str(data)}] if data else [{"path": "random"}],
+                "seq_len": seq_len,
+                "val": 0,
+                "dedupe": False,
+                "train_on_prompt": bool(data) and objective == "all",
+            },
+            "train": {"steps": steps, "batch_size": batch_size, "lr": LEARNING_RATE, "warmup": 0, "schedule": "constant", "seed": seed},
+        },
+    )
+    with tempfile.TemporaryDirectory() as store:
+        # The run never writes: a benchmark times steps, it saves no checkpoint or adapter.
+        run = TrainingRun(cfg, Registry(Store(Path(store))), "bench")
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()  # before loading, as the other sides do
+        started = time.time()
+        if data is not None:
+            tokenizer = load_tokenizer(model_dir)
+            run.build(model_dir, prepare(cfg.data, cfg.task, tokenizer), tokenizer.pad_token_id)
+        else:
+            run.build(model_dir, _random_data(model_dir, seq_len, batch_size, seed), 0)
+        load_s = time.time() - started
+        run.model.train()
+        times, useful, trained, losses = [], [], [], []
+        for _ in range(steps):
+            start = time.perf_counter()
+            figures = run.train_step()
+            if run.device == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+            useful.append(figures["useful_tokens"])
+            trained.append(figures["trained_tokens"])
+            losses.append(round(figures["loss"], 4))
+    warm = warm_slice(steps)
+    w_t = times[warm]
+    planned = settings_from_config(cfg).model_copy(update={"gradient_checkpointing": run.gradient_checkpointing, "optimizer": run.optimizer_name})
+    return SideResult(
+        side="appliance",
+        objective="all" if (data is None or cfg.data.train_on_prompt) else "assistant",
+        gradient_checkpointing=run.gradient_checkpointing,
+        batching="packed rows" if cfg.train.packing else "padded to the longest",
+        optimizer=run.optimizer_name,
+        device=run.device,
+        load_s=round(load_s, 1),
+        steps=steps,
+        step_s_median=round(sorted(w_t)[len(w_t) // 2], 3),
+        useful_tok_per_s=round(sum(useful[warm]) / sum(w_t)),
+        trained_tok_per_s=round(sum(trained[warm]) / sum(w_t)),
+        losses=losses,
+        planner_settings=planned.model_dump(),
+        **peak_memory(),
+    )
+
+
+# -- the comparison ---------------------------------------------------------------------------
+
+
+SHARD_BYTES = 2 * 2**30
 
 
 def shape_folder(shape: str, cache: Path) -> Path:
-    """A random-weight model of a real shape (no download), saved once; the peer loop reads the same folder."""
+    """A random-weight model of a real shape (no download), saved once; every side reads the same folder.
+
+    Built without a GPU and without the whole model in memory: the shapes come from a model on
+    the meta device, and each tensor is drawn on the CPU in bf16 and written shard by shard.
+    """
     from appliance.plan import find_model
 
     path = cache / shape
     if (path / "config.json").is_file():
         return path
     import torch
+    from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from appliance.store import atomic_dir
 
     s = find_model(shape)
     config = LlamaConfig(
@@ -55,143 +317,39 @@ def shape_folder(shape: str, cache: Path) -> Path:
         tie_word_embeddings=s.tie_word_embeddings,
         max_position_embeddings=s.max_position_embeddings,
         rope_theta=500000.0,
+        dtype="bfloat16",
     )
-    from appliance.store import atomic_dir
-
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    with torch.device(device):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    with torch.device("meta"):
+        shapes = {name: tuple(t.shape) for name, t in AutoModelForCausalLM.from_config(config).state_dict().items()}
+    if s.tie_word_embeddings:
+        shapes.pop("lm_head.weight", None)
+    generator = torch.Generator().manual_seed(0)
     with atomic_dir(path, overwrite=True) as tmp:  # a run stopped while saving leaves no half folder to reuse
-        model.save_pretrained(tmp, max_shard_size="5GB")
+        shards: list[dict] = [{}]
+        sizes = [0]
+        for name, dims in shapes.items():
+            n = math.prod(dims) * 2
+            if sizes[-1] and sizes[-1] + n > SHARD_BYTES:
+                shards.append({})
+                sizes.append(0)
+            shards[-1][name] = dims
+            sizes[-1] += n
+        weight_map = {}
+        for i, shard in enumerate(shards):
+            filename = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            tensors = {
+                name: torch.ones(dims, dtype=torch.bfloat16) if "norm" in name else (torch.randn(dims, generator=generator) * 0.02).to(torch.bfloat16)
+                for name, dims in shard.items()
+            }
+            save_file(tensors, str(tmp / filename), metadata={"format": "pt"})
+            weight_map.update({name: filename for name in shard})
+            del tensors
+        (tmp / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": sum(sizes)}, "weight_map": weight_map}))
+        config.save_pretrained(tmp)
     return path
 
 
-# -- the worker: our training step, timed ---------------------------------------------------
-
-
-def run_worker(
-    model_dir: Path, data: Path | None, seq_len: int, steps: int, batch_size: int, rank: int, seed: int, sets: list[str] = ()
-) -> dict[str, Any]:
-    import torch
-
-    from appliance.config import load_run_config
-    from appliance.data.dataset import DataReport, PreparedData
-    from appliance.data.encoders import Encoded
-    from appliance.data.template import TokenizedExample
-    from appliance.hardware import detect
-    from appliance.plan import settings_from_config
-    from appliance.registry import Registry
-    from appliance.train.loop import TrainingRun
-    from appliance.train.model import load_tokenizer, resolve_device
-
-    task = "sft" if data else "cpt"
-    cfg = load_run_config(
-        "sft-qlora" if data else "cpt",
-        sets=list(sets),
-        flags={
-            "model": {"name": model_dir.name, "compute_dtype": "bfloat16"},  # the peer loop computes in bf16
-            "lora": {"rank": rank, "alpha": rank, "dropout": 0.0},
-            "data": {"files": [{"path": str(data)}] if data else [{"path": "random"}], "seq_len": seq_len, "val": 0, "dedupe": False},
-            "train": {"steps": steps, "batch_size": batch_size, "lr": 2e-4, "warmup": 0, "schedule": "constant", "seed": seed},
-        },
-    )
-
-    class BenchRun(TrainingRun):
-        """The real training run, on a folder outside the store and without checkpoints."""
-
-        def check_names(self) -> None:
-            pass
-
-        def resolve_model(self) -> None:
-            self.model_dir = model_dir
-            self.hw = detect()
-            self.device = resolve_device("auto", self.hw)
-            self.dtype = torch.bfloat16
-
-        def prepare_run_dir(self) -> None:
-            pass
-
-        def load_data(self) -> PreparedData:
-            if data is not None:
-                from appliance.data.dataset import prepare
-
-                self.tokenizer = load_tokenizer(model_dir)
-                return prepare(cfg.data, task, self.tokenizer)
-            self.tokenizer = None
-            vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
-            g = torch.Generator().manual_seed(seed)
-            items = []
-            for i in range(batch_size * 4):
-                ids = torch.randint(0, vocab - 1, (seq_len,), generator=g).tolist()
-                items.append(Encoded(0, i, TokenizedExample(ids, ids)))
-            return PreparedData(task, items, [], [], DataReport(sources=[]))
-
-        def pad_id(self) -> int:
-            return self.tokenizer.pad_token_id if self.tokenizer is not None else 0
-
-    run = BenchRun(cfg, Registry(), "bench")
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()  # before loading, as the peer loop does
-    load_start = time.time()
-    run.setup()
-    load_s = time.time() - load_start
-    run.model.train()
-    times, useful, losses = [], [], []
-    for _ in range(steps):
-        start = time.time()
-        figures = run.train_step()
-        if run.device == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.time() - start)
-        useful.append(figures["useful_tokens"])
-        losses.append(round(figures["loss"], 4))
-    warm = slice(min(WARMUP_STEPS, steps - 1), None)
-    w_t, w_u = times[warm], useful[warm]
-    result = {
-        "mode": "appliance",
-        "device": run.device,
-        "seq_len": seq_len,
-        "batch_size": batch_size,
-        "load_s": round(load_s, 1),
-        "step_s_median": round(sorted(w_t)[len(w_t) // 2], 3),
-        "useful_tok_per_s": round(sum(w_u) / sum(w_t)),
-        "losses": losses,
-        "gradient_checkpointing": run.gradient_checkpointing,
-        "optimizer": run.optimizer_name,
-        # What the planner's estimate of this run needs, --set overrides included.
-        "planner_settings": settings_from_config(cfg).model_copy(
-            update={"gradient_checkpointing": run.gradient_checkpointing, "optimizer": run.optimizer_name}
-        ).model_dump(),
-    }
-    if run.device == "cuda":
-        result["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
-    else:
-        import resource
-
-        result["peak_rss_gib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
-    return result
-
-
-# -- the comparison ---------------------------------------------------------------------------
-
-
-@dataclass
-class TrainBench:
-    settings: dict[str, Any]
-    appliance: dict[str, Any]
-    peer: dict[str, Any] | None
-    ratio: dict[str, float] = field(default_factory=dict)
-    notes: list[str] = field(default_factory=list)
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"settings": self.settings, "appliance": self.appliance, "peer": self.peer, "ratio": self.ratio, "notes": self.notes}
-
-
-def peak_gib(result: dict[str, Any]) -> float:
-    return result.get("peak_gib", result.get("peak_rss_gib", 0.0))
-
-
-def _run_json(cmd: list[str], what: str, out: Path, timeout: float) -> dict[str, Any]:
+def _run_json(cmd: list[str], what: str, out: Path, timeout: float) -> dict:
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env={**os.environ, "TQDM_DISABLE": "1"})
     if proc.returncode != 0 or not out.is_file():
         tail = (proc.stdout + proc.stderr).strip().splitlines()[-12:]
@@ -200,83 +358,114 @@ def _run_json(cmd: list[str], what: str, out: Path, timeout: float) -> dict[str,
     return data[0] if isinstance(data, list) else data
 
 
+def _plain_result(raw: dict) -> SideResult:
+    """The plain loop's own JSON as a side's result (it always checkpoints, pads, and trains every token)."""
+    on_gpu = "peak_gib" in raw
+    return SideResult(
+        side="plain",
+        objective="all",
+        gradient_checkpointing=True,
+        batching="padded to the longest",
+        optimizer="paged_adamw_8bit" if on_gpu else "adamw",
+        device=raw["device"],
+        load_s=raw["load_s"],
+        steps=len(raw["losses"]),
+        step_s_median=raw["step_s_median"],
+        useful_tok_per_s=raw["useful_tok_per_s"],
+        losses=raw["losses"],
+        peak_gib=raw["peak_gib"] if on_gpu else raw["peak_rss_gib"],
+        memory="GPU allocated" if on_gpu else "process RSS",
+    )
+
+
+def _ratios(results: dict[str, SideResult]) -> list[Ratio]:
+    ours = results.get("appliance")
+    if ours is None:
+        return []
+    return [
+        Ratio(
+            against=side,
+            useful_tok_per_s=round(ours.useful_tok_per_s / max(theirs.useful_tok_per_s, 1), 2),
+            peak_memory=round(ours.peak_gib / max(theirs.peak_gib, 1e-9), 2),
+        )
+        for side, theirs in results.items()
+        if side != "appliance"
+    ]
+
+
 def bench_train(
-    registry,
+    model_dir: Path,
     *,
-    model: str | None = None,
-    shape: str | None = None,
-    data: Path | None = None,
-    seq_len: int = 512,
-    steps: int = 10,
-    batch_size: int = 8,
-    rank: int = 16,
+    label: str,
+    data: Path | None,
+    seq_len: int,
+    steps: int,
+    batch_size: int,
+    rank: int,
     seed: int = 0,
     sets: list[str] = (),
+    plain_loop: Path | None = None,
+    rows: tuple[str, ...] = (),
     progress: Callable[[str], None] = lambda _: None,
 ) -> TrainBench:
-    if shape:
-        from appliance.hardware import detect
-
-        if detect().device != "cuda":
-            raise ApplianceError(
-                f"--shape {shape} benchmarks a full-size model on a GPU; this machine has none.",
-                "on CPU, benchmark a model in the store: appliance bench train --model smollm2",
-            )
-        model_dir = shape_folder(shape, registry.store.root / "bench-cache")
-        data = None
-    else:
-        model = model or "smollm2"
-        registry.model(model)
-        model_dir = registry.model_dir(model)
-        data = data or Path(__file__).resolve().parents[1] / "demo" / "facts.jsonl"
-    settings = {
-        "model": shape or model,
-        "data": str(data) if data else "random tokens",
-        "seq_len": seq_len,
-        "steps": steps,
-        "batch_size": batch_size,
-        "rank": rank,
-        "lora": "all-linear, alpha = rank, dropout 0",
-        "quantization": "nf4 + double quant, bf16 compute",
-        "appliance_overrides": list(sets),
-    }
-    result = TrainBench(settings, {}, None)
+    """Every row's sides, each in its own process; `rows` limits the rows (default: all that apply)."""
+    settings = BenchSettings(
+        model=label,
+        data=str(data) if data else "random tokens",
+        seq_len=seq_len,
+        steps=steps,
+        batch_size=batch_size,
+        rank=rank,
+        appliance_overrides=list(sets),
+        plain_loop=str(plain_loop) if plain_loop else None,
+    )
+    # Random tokens have no answers to single out: only the every-token row applies.
+    specs = [r for r in ROWS if (data is not None or r.objective == "all") and (not rows or r.key in rows)]
+    bench = TrainBench(settings=settings, rows=[], headline=HEADLINE if data is not None else "every-token", differences=DIFFERENCES)
+    if plain_loop is None:
+        bench.notes.append("the plain loop was not found (../shared/bench/peer_qlora_loop.py, or --plain-loop PATH): not run")
+    common = ["--model-dir", str(model_dir), "--seq-len", str(seq_len), "--steps", str(steps), "--batch-size", str(batch_size),
+              "--rank", str(rank), "--seed", str(seed)] + (["--data", str(data)] if data else [])
+    done: dict[tuple, SideResult] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        peer = find_peer_loop()
-        if peer is None:
-            result.notes.append(f"peer loop not found (looked at ../shared/bench/peer_qlora_loop.py and ${PEER_ENV}); appliance only")
-        else:
-            progress(f"running the peer loop ({peer})")
-            out = Path(tmp) / "peer.json"
-            cmd = [sys.executable, str(peer), "--model", str(model_dir), "--seq-len", str(seq_len), "--steps", str(steps),
-                   "--batch-size", str(batch_size), "--rank", str(rank), "--modes", "qlora", "--seed", str(seed), "--out", str(out)]
-            if data:
-                cmd += ["--data", str(data)]
-            result.peer = _run_json(cmd, "peer loop", out, timeout=7200)
-            result.settings["peer_loop"] = str(peer)
-        progress("running the appliance's training step")
-        out = Path(tmp) / "appliance.json"
-        cmd = [sys.executable, "-m", "appliance.train.bench", "--model-dir", str(model_dir), "--seq-len", str(seq_len), "--steps", str(steps),
-               "--batch-size", str(batch_size), "--rank", str(rank), "--seed", str(seed), "--out", str(out)]
-        for item in sets:
-            cmd += ["--set", item]
-        if data:
-            cmd += ["--data", str(data)]
-        result.appliance = _run_json(cmd, "appliance worker", out, timeout=7200)
-    if result.peer:
-        result.ratio = {
-            "useful_tok_per_s": round(result.appliance["useful_tok_per_s"] / max(result.peer["useful_tok_per_s"], 1), 2),
-            "peak_memory": round(peak_gib(result.appliance) / max(peak_gib(result.peer), 1e-9), 2),
-            "step_s_median": round(result.appliance["step_s_median"] / max(result.peer["step_s_median"], 1e-9), 2),
-        }
-    return result
+        for spec in specs:
+            results: dict[str, SideResult] = {}
+            for side in spec.sides:
+                if side == "plain":
+                    if plain_loop is None:
+                        continue
+                    key: tuple = ("plain",)
+                    if key not in done:
+                        progress(f"{spec.title}: the plain loop ({plain_loop})")
+                        out = Path(tmp) / "plain.json"
+                        cmd = [sys.executable, str(plain_loop), "--model", str(model_dir), "--seq-len", str(seq_len), "--steps", str(steps),
+                               "--batch-size", str(batch_size), "--rank", str(rank), "--modes", "qlora", "--seed", str(seed), "--out", str(out)]
+                        if data:
+                            cmd += ["--data", str(data)]
+                        done[key] = _plain_result(_run_json(cmd, "plain loop", out, timeout=7200))
+                else:
+                    checkpointing = "default" if spec.gradient_checkpointing is None else ("on" if spec.gradient_checkpointing else "off")
+                    key = (side, spec.objective, checkpointing)
+                    if key not in done:
+                        progress(f"{spec.title}: {SIDE_NAMES[side]}")
+                        out = Path(tmp) / f"{side}-{spec.key}.json"
+                        cmd = [sys.executable, "-m", "appliance.train.bench", "--side", side, "--objective", spec.objective,
+                               "--checkpointing", checkpointing, *common, "--out", str(out)]
+                        if side == "appliance":
+                            for item in sets:
+                                cmd += ["--set", item]
+                        done[key] = SideResult.model_validate(_run_json(cmd, f"{SIDE_NAMES[side]} worker", out, timeout=7200))
+                results[side] = done[key]
+            bench.rows.append(RowResult(spec=spec, results=results, ratios=_ratios(results)))
+    return bench
 
 
-def measurements(bench: TrainBench, env: dict[str, Any]) -> list[dict[str, Any]]:
+def measurements(bench: TrainBench, env: dict) -> list[dict]:
     """The GPU runs of a train bench as planner measurements (bench/results/README.md); none on CPU.
 
-    A run is recorded only when its GPU and model have profiles, since the planner
-    is checked against them by name.
+    Our side is recorded from the headline row, the plain loop as the planner's `peer`. A run
+    is recorded only when its GPU and model have profiles, since the planner is checked against
+    them by name.
     """
     from appliance.plan import find_gpu, find_model
 
@@ -284,15 +473,27 @@ def measurements(bench: TrainBench, env: dict[str, Any]) -> list[dict[str, Any]]
         return []
     try:
         gpu = find_gpu(env["gpu"]).name
-        model = find_model(str(bench.settings["model"])).name
+        model = find_model(bench.settings.model).name
     except ApplianceError as err:
         bench.notes.append(f"not recorded as a planner measurement: {err.message}")
         return []
     s = bench.settings
+    row = bench.row(bench.headline) or (bench.rows[0] if bench.rows else None)
+    plain = next((r.results["plain"] for r in bench.rows if "plain" in r.results), None)
     out = []
-    for loop, result in (("appliance", bench.appliance), ("peer", bench.peer)):
-        if not result or "peak_gib" not in result:
+    for loop, result in (("appliance", row.results.get("appliance") if row else None), ("peer", plain)):
+        if result is None or result.memory != "GPU allocated":
             continue
+        settings = result.planner_settings or {
+            "seq_len": s.seq_len,
+            "batch_size": s.batch_size,
+            "rank": s.rank,
+            "load_in_4bit": True,
+            "gradient_checkpointing": True,  # the plain loop always checkpoints
+            "optimizer": "paged_adamw_8bit",
+        }
+        source = "random tokens" if s.data == "random tokens" else "data " + Path(s.data).name
+        overrides = f"; ours with {', '.join(s.appliance_overrides)}" if loop == "appliance" and s.appliance_overrides else ""
         out.append(
             {
                 "date": env["date"][:10],
@@ -301,27 +502,21 @@ def measurements(bench: TrainBench, env: dict[str, Any]) -> list[dict[str, Any]]
                 "versions": env["versions"],
                 "model": model,
                 "loop": loop,
-                "settings": result.get("planner_settings")
-                or {
-                    "seq_len": s["seq_len"],
-                    "batch_size": s["batch_size"],
-                    "rank": s["rank"],
-                    "load_in_4bit": True,
-                    "gradient_checkpointing": True,  # the peer loop always checkpoints
-                    "optimizer": "paged_adamw_8bit",
-                },
-                "peak_gib": result["peak_gib"],
-                "tokens_per_s": result["useful_tok_per_s"],
-                "notes": f"appliance bench train ({'random tokens' if s['data'] == 'random tokens' else 'data ' + Path(s['data']).name})"
-                + (f"; ours with {', '.join(s['appliance_overrides'])}" if loop == "appliance" and s.get("appliance_overrides") else ""),
+                "settings": settings,
+                "peak_gib": result.peak_gib,
+                "tokens_per_s": result.useful_tok_per_s,
+                "notes": f"appliance bench train ({source}){overrides}",
             }
         )
     return out
 
 
 def main(argv: list[str] | None = None) -> int:
-    """The worker: `python -m appliance.train.bench --model-dir D [--data F] ... --out result.json`."""
-    parser = argparse.ArgumentParser(description="time the appliance's training step (a worker of `appliance bench train`)")
+    """A worker: `python -m appliance.train.bench --side appliance|trl --model-dir D [--data F] ... --out result.json`."""
+    parser = argparse.ArgumentParser(description="time one side of `appliance bench train`")
+    parser.add_argument("--side", choices=["appliance", "trl"], default="appliance")
+    parser.add_argument("--objective", choices=["assistant", "all", "default"], default="default")
+    parser.add_argument("--checkpointing", choices=["on", "off", "default"], default="default")
     parser.add_argument("--model-dir", type=Path, required=True)
     parser.add_argument("--data", type=Path)
     parser.add_argument("--seq-len", type=int, default=512)
@@ -329,15 +524,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--set", dest="sets", action="append", default=[], help="a run-config override (KEY=VALUE)")
+    parser.add_argument("--set", dest="sets", action="append", default=[], help="a run-config override (KEY=VALUE), our side only")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
     from appliance.train.model import quiet_libraries
 
     quiet_libraries()
-    result = run_worker(args.model_dir, args.data, args.seq_len, args.steps, args.batch_size, args.rank, args.seed, args.sets)
-    args.out.write_text(json.dumps(result))
-    print(json.dumps(result))
+    checkpointing = {"on": True, "off": False, "default": None}[args.checkpointing]
+    shared = dict(seq_len=args.seq_len, steps=args.steps, batch_size=args.batch_size, rank=args.rank, seed=args.seed)
+    if args.side == "trl":
+        from appliance.train.trl_peer import run_trl
+
+        result = run_trl(args.model_dir, args.data, objective=args.objective, gradient_checkpointing=checkpointing, lr=LEARNING_RATE, **shared)
+    else:
+        objective = "assistant" if args.objective == "default" else args.objective
+        result = run_appliance(args.model_dir, args.data, objective=objective, gradient_checkpointing=checkpointing, sets=args.sets, **shared)
+    args.out.write_text(result.model_dump_json())
+    print(result.model_dump_json())
     return 0
 
 

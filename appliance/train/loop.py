@@ -161,20 +161,17 @@ class TrainingRun:
         """Model, data, optimizer: everything the loop needs, on this object."""
         self.check_names()
         quiet_libraries()
-        self.resolve_model()
+        model_dir = self.resolve_model()
         self.prepare_run_dir()
-        self.data: PreparedData = self.load_data()
-        self.build()
+        data, pad_id = self.load_data(model_dir)
+        self.build(model_dir, data, pad_id)
 
-    def resolve_model(self) -> None:
-        cfg = self.cfg
-        self.model_manifest = self.registry.model(cfg.model.name or "")
+    def resolve_model(self) -> Path:
+        """The base's folder in the store (a language model, not a classifier)."""
+        self.model_manifest = self.registry.model(self.cfg.model.name or "")
         if self.model_manifest.task != "causal-lm":
             raise ApplianceError(f"{self.model_manifest.name} is a classifier, not a language model.", "train from a base model")
-        self.model_dir = self.registry.model_dir(self.model_manifest.name)
-        self.hw = detect()
-        self.device = resolve_device(cfg.train.device, self.hw)
-        self.dtype = compute_dtype(cfg.model, self.device, self.hw)
+        return self.registry.model_dir(self.model_manifest.name)
 
     def prepare_run_dir(self) -> None:
         if self.resume:
@@ -186,30 +183,37 @@ class TrainingRun:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write(self.run_dir / "config.yaml", self.cfg.to_yaml())
 
-    def load_data(self) -> PreparedData:
+    def load_data(self, model_dir: Path) -> tuple[PreparedData, int]:
+        """The run's data, tokenized by the base's tokenizer, and the id batches are padded with."""
         cfg = self.cfg
-        self.tokenizer = load_tokenizer(self.model_dir)
-        data = prepare(cfg.data, cfg.task, self.tokenizer, model_name=self.model_manifest.name)
+        tokenizer = load_tokenizer(model_dir)
+        data = prepare(cfg.data, cfg.task, tokenizer, model_name=self.model_manifest.name)
         for leak in data.report.leaks[:3]:
             self.emit(Note(f"leakage: a prompt appears in {' and '.join(leak.splits)}: {leak.prompt[:80]!r}", "warning"))
         if data.report.overlong:
             action = "dropped" if cfg.data.overlong == "drop" else "truncated"
             self.emit(Note(f"{data.report.overlong} example(s) longer than seq_len={cfg.data.seq_len} were {action}", "warning"))
-        return data
+        return data, tokenizer.pad_token_id
 
-    def pad_id(self) -> int:
-        return self.tokenizer.pad_token_id
+    def build(self, model_dir: Path, data: PreparedData, pad_id: int) -> None:
+        """Load the base with LoRA on the device, and set up the objective, batches and optimizer.
 
-    def build(self) -> None:
+        Public so that a benchmark can time the very step `appliance train` runs on a folder
+        outside the store, with data it prepared itself.
+        """
         import torch
 
         cfg = self.cfg
+        self.model_dir, self.data, self.pad_id = model_dir, data, pad_id
+        self.hw = detect()
+        self.device = resolve_device(cfg.train.device, self.hw)
+        self.dtype = compute_dtype(cfg.model, self.device, self.hw)
         torch.manual_seed(cfg.train.seed)
         started = time.time()
         self.model = self._build_model()
         self.load_s = time.time() - started
         self.adapter_params = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
-        self.objective: Objective = objective_for(cfg.task, self.pad_id(), cfg.train.packing, cfg)
+        self.objective: Objective = objective_for(cfg.task, pad_id, cfg.train.packing, cfg)
         if self.data.mixture is not None:
             replay = cfg.data.replay.fraction if cfg.data.replay else 0.0
             self.plan = MixturePlan(self.data.mixture, cfg.train.batch_size, cfg.train.seed, examples_per_epoch(self.data, replay))
@@ -463,6 +467,7 @@ class TrainingRun:
             "lr": t.lr * factor,
             "grad_norm": float(grad_norm),
             "useful_tokens": useful,
+            "trained_tokens": sum(b.trained_tokens for b in micro),
             **stats_total,
         }
 
@@ -495,7 +500,7 @@ class TrainingRun:
                 "memory_gib": round(memory, 3),
             }
             self._log(record)
-            extra = {k: v for k, v in figures.items() if k not in ("loss", "lr", "grad_norm", "useful_tokens")}
+            extra = {k: v for k, v in figures.items() if k not in ("loss", "lr", "grad_norm", "useful_tokens", "trained_tokens")}
             self.emit(
                 StepDone(
                     self.state.step,

@@ -40,20 +40,33 @@ def quiet_libraries() -> None:
 
 
 def resolve_device(requested: str, hw: Hardware) -> str:
+    """Where to compute: the GPU when there is one PyTorch can use. A GPU it cannot use (a CPU-only
+    build, a driver too old for its CUDA) is an error, not a silent hours-long run on the CPU."""
+    if requested == "cpu":
+        return "cpu"
+    if hw.gpu_problem:
+        raise ApplianceError(
+            f"This machine has an NVIDIA GPU, but PyTorch cannot use it: {hw.gpu_problem}.",
+            "update the NVIDIA driver, or reinstall on this machine (make install checks the driver); "
+            "to run on the CPU anyway, pass --set train.device=cpu",
+        )
     if requested == "cuda" and hw.device != "cuda":
         raise ApplianceError("--device cuda was asked for, but no CUDA GPU is visible.", "drop --device or check `nvidia-smi`")
     return hw.device if requested == "auto" else requested
 
 
 def compute_dtype(spec: ModelSpec, device: str, hw: Hardware):
-    """bf16 where the hardware computes it natively; fp16 on GPUs without bf16; fp32 on other CPUs."""
+    """The dtype asked for, else the device's native one (appliance.hardware.compute_dtype_name).
+
+    On the CPU the CPU's own bf16 support decides, even on a machine whose GPU has bf16."""
     import torch
+
+    from appliance.hardware import compute_dtype_name, cpu_has_bf16
 
     if spec.compute_dtype != "auto":
         return getattr(torch, spec.compute_dtype)
-    if device == "cuda":
-        return torch.bfloat16 if hw.bf16 else torch.float16
-    return torch.bfloat16 if hw.bf16 else torch.float32
+    cpu_bf16 = hw.bf16 if hw.device == "cpu" else cpu_has_bf16()
+    return getattr(torch, compute_dtype_name(device, hw.capability, cpu_bf16))
 
 
 def load_tokenizer(model_dir: Path):
@@ -65,8 +78,34 @@ def load_tokenizer(model_dir: Path):
     return tokenizer
 
 
+def classification_pad_id(tokenizer) -> int:
+    """The pad id of a classifier: never the eos that ends every classification input.
+
+    transformers' *ForSequenceClassification reads the rightmost token that is not
+    config.pad_token_id. ClassificationEncoder ends each text with eos, so with any other pad id
+    that read lands on the eos of every row, padded in a batch or alone. With pad = eos (SmolLM2,
+    and Llama-3.x, whose tokenizer then pads with <|eot_id|>) it would land on the last text token.
+    Any id but eos will do: padding sits after the read position and is masked from attention.
+    """
+    candidates = (tokenizer.pad_token_id, tokenizer.unk_token_id, tokenizer.bos_token_id, 0, 1)
+    return next(int(c) for c in candidates if c is not None and c != tokenizer.eos_token_id)
+
+
+def _pad_id(model_dir: Path, config: Any, task: str) -> int:
+    """The id this model's batches are padded with: the tokenizer's (a classifier's own, above)."""
+    if not any((model_dir / name).is_file() for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
+        # A benchmark's random-weight shape has no tokenizer; its random-token batches pad with 0.
+        return config.pad_token_id if config.pad_token_id is not None else 0
+    tokenizer = load_tokenizer(model_dir)
+    return classification_pad_id(tokenizer) if task == "classify" else tokenizer.pad_token_id
+
+
 def load_base(model_dir: Path, spec: ModelSpec, device: str, dtype, *, task: str = "sft", labels: list[str] | None = None) -> Any:
-    """The frozen base, 4-bit NF4 (double quant) or 16-bit, on `device`."""
+    """The frozen base, 4-bit NF4 (double quant) or 16-bit, on `device`.
+
+    config.pad_token_id is set from the folder's tokenizer: the id batches are padded with
+    (a classifier's own pad id, see classification_pad_id).
+    """
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, BitsAndBytesConfig
 
@@ -99,8 +138,7 @@ def load_base(model_dir: Path, spec: ModelSpec, device: str, dtype, *, task: str
     else:
         model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
     model.config.use_cache = False
-    if model.config.pad_token_id is None:
-        model.config.pad_token_id = model.config.eos_token_id if isinstance(model.config.eos_token_id, int) else 0
+    model.config.pad_token_id = _pad_id(model_dir, model.config, task)
     for param in model.parameters():
         param.requires_grad_(False)
     for module in model.modules():

@@ -95,6 +95,22 @@ class PreferenceObjective(Objective):
         }
 
 
+def class_logits(model: Any, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The head's logits at each row's last real token (the eos the encoder appends).
+
+    transformers reads the rightmost token that is not config.pad_token_id, so the padding is
+    written with the model's own pad id (load_base makes it differ from eos): the read is then
+    the same for a row alone and padded in any batch.
+    """
+    mask = tensors["attention_mask"]
+    pad = model.config.pad_token_id
+    ids = tensors["input_ids"].masked_fill(mask == 0, pad)
+    last = ids.gather(1, (mask.sum(1, keepdim=True) - 1).clamp_min(0))
+    if bool((last == pad).any()):
+        raise ValueError(f"a classification row ends with the pad id {pad}: the head would read the wrong token")
+    return model(input_ids=ids, attention_mask=mask).logits.float()
+
+
 class ClassificationObjective(Objective):
     """Cross-entropy over classes from a sequence-classification head (LoRA + trained head)."""
 
@@ -104,10 +120,11 @@ class ClassificationObjective(Objective):
         self.higher_is_better = metric != "val_loss"
 
     def collate(self, items: Sequence[Any]) -> Batch:
+        # The padding id is replaced by the model's own in class_logits.
         return collate_classification(items, self.pad_id)
 
     def loss_sum(self, model, tensors):
-        logits = model(input_ids=tensors["input_ids"], attention_mask=tensors["attention_mask"]).logits.float()
+        logits = class_logits(model, tensors)
         loss = torch.nn.functional.cross_entropy(logits, tensors["labels"], reduction="sum")
         return loss, {"accuracy": float((logits.argmax(-1) == tensors["labels"]).float().mean())}
 
@@ -116,10 +133,9 @@ class ClassificationObjective(Objective):
         """(class probabilities, true labels) over `batches`."""
         probs, labels = [], []
         for batch in batches:
-            tensors = _to(batch, device)
-            logits = model(input_ids=tensors["input_ids"], attention_mask=tensors["attention_mask"]).logits.float()
+            logits = class_logits(model, _to(batch, device))
             probs.append(torch.softmax(logits, -1).cpu())
-            labels.append(tensors["labels"].cpu())
+            labels.append(batch.tensors["labels"])
         return torch.cat(probs), torch.cat(labels)
 
     def evaluate(self, model, batches, device):
