@@ -82,17 +82,20 @@ def classification_metrics(probs, labels) -> dict[str, float]:
 
 
 def load_for_inference(
-    model_dir, adapter_dir=None, *, load_in_4bit: bool = True, device: str = "cpu", dtype: str = "auto", task: str = "sft", labels=None
+    model_dir, adapter_dir=None, *, load_in_4bit: bool = True, device: str = "auto", dtype: str = "auto", task: str = "sft", labels=None
 ):
-    """The base (4-bit as trained, or 16-bit) with an optional adapter, ready for evaluation;
-    `dtype` is the compute dtype ('auto': what training picks on that device)."""
+    """The base (4-bit as trained, or 16-bit) with an optional adapter, ready for evaluation, where
+    training runs (`device` 'auto': the GPU when there is one) and in what training computes
+    (`dtype` 'auto': the device's native type; on the CPU, the CPU's own)."""
     from appliance.config import ModelSpec
     from appliance.hardware import detect
-    from appliance.train.model import compute_dtype, load_base, quiet_libraries
+    from appliance.train.model import compute_dtype, load_base, quiet_libraries, resolve_device
 
     quiet_libraries()
+    hw = detect()
+    device = resolve_device(device, hw)
     spec = ModelSpec(load_in_4bit=load_in_4bit, gradient_checkpointing=False, compute_dtype=dtype)
-    model = load_base(model_dir, spec, device, compute_dtype(spec, device, detect()), task=task, labels=labels)
+    model = load_base(model_dir, spec, device, compute_dtype(spec, device, hw), task=task, labels=labels)
     if adapter_dir is not None:
         from peft import PeftModel
 

@@ -2,7 +2,8 @@
 
 import SmolLM2 → ask the base (vLLM) → 4-bit QLoRA fine-tune → merge into
 16-bit → serve the merged model (vLLM) → ask again → before/after side by side.
-Every step is the same function the CLI commands call.
+Fine-tuning and merging run as the very commands a user types, each in its own
+process, so no GPU memory is held here when vLLM starts.
 """
 
 from __future__ import annotations
@@ -98,20 +99,29 @@ def ask_all(registry: Registry, model: str, questions: list[DemoQuestion], port:
     return answers, spec.url
 
 
+def run_command(registry: Registry, args: list[str], what: str) -> None:
+    """One step as the command a user types, in its own process: whatever GPU memory it held is
+    the driver's again when it exits, before vLLM starts and asks for most of the card."""
+    import os
+    import subprocess
+    import sys
+
+    from appliance.errors import ApplianceError
+
+    code = subprocess.run([sys.executable, "-m", "appliance", *args], env={**os.environ, "APPLIANCE_HOME": str(registry.store.root)}).returncode
+    if code != 0:
+        raise ApplianceError(f"The quickstart's {what} failed (`appliance {' '.join(args[:2])} ...` exited {code}).", "see its message above")
+
+
 def run_quickstart(
     registry: Registry,
     *,
     steps: int = 20,
     port: int = 8000,
     progress: Callable[[str], None] = lambda _: None,
-    train_events=None,
 ) -> QuickstartResult:
-    from appliance.config import load_run_config
-    from appliance.merge import merge_adapter
     from appliance.models import import_model
     from appliance.serve.process import free_port
-    from appliance.train.events import ignore
-    from appliance.train.loop import run_training
 
     result = QuickstartResult(demo_questions())
     port = free_port(port)
@@ -128,21 +138,18 @@ def run_quickstart(
     result.timings["ask base (vLLM)"] = time.time() - t
 
     t = time.time()
-    cfg = load_run_config(
-        "sft-qlora",
-        flags={
-            "model": {"name": BASE},
-            "data": {"files": [{"path": str(demo_file("facts.jsonl"))}], "val_file": str(demo_file("facts_val.jsonl"))},
-            "train": {"steps": steps, "batch_size": 8, "lr": 1e-3, "eval_every": 10, "save_every": 10},
-        },
-    )
-    trained = run_training(cfg, registry, ADAPTER, overwrite=True, events=train_events or ignore)
-    result.train_metrics = trained.metrics
+    progress(f"appliance train --model {BASE} --data facts.jsonl --name {ADAPTER} --steps {steps}")
+    train = ["train", "--model", BASE, "--recipe", "sft-qlora", "--data", str(demo_file("facts.jsonl")), "--name", ADAPTER,
+             "--set", f"data.val_file={demo_file('facts_val.jsonl')}", "--steps", str(steps), "--batch-size", "8", "--lr", "1e-3",
+             "--eval-every", "10", "--save-every", "10", "--overwrite"]
+    run_command(registry, train, "fine-tune")
+    result.train_metrics = registry.adapter(ADAPTER).metrics
     result.timings["fine-tune (4-bit QLoRA)"] = time.time() - t
 
     t = time.time()
-    merged = merge_adapter(registry, ADAPTER, name=MERGED, overwrite=True, progress=progress)
-    result.parity = merged.parity
+    progress(f"appliance merge {ADAPTER} --name {MERGED}")
+    run_command(registry, ["merge", ADAPTER, "--name", MERGED, "--overwrite"], "merge")
+    result.parity = registry.model(MERGED).parity
     result.timings["merge + parity"] = time.time() - t
 
     t = time.time()

@@ -105,8 +105,9 @@ def test_quickstart_is_the_whole_path_as_make_demo_runs_it(smollm2):
     result = run_cli("quickstart", "--port", "8171")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     print(result.stdout[-2500:])
-    facts = re.search(r"(\d+)/(\d+) taught facts, asked as new paraphrases, right after fine-tuning \(base: (\d+)/", result.stdout)
-    controls = re.search(r"(\d+)/(\d+) general-knowledge controls right after fine-tuning \(base: (\d+)/", result.stdout)
+    text = " ".join(result.stdout.split())  # rich wraps lines at the terminal's width
+    facts = re.search(r"(\d+)/(\d+) taught facts \(asked as new paraphrases\) right after fine-tuning \(base: (\d+)/", text)
+    controls = re.search(r"(\d+)/(\d+) general-knowledge controls right after fine-tuning \(base: (\d+)/", text)
     assert facts and facts[1] == facts[2] == str(len(FACTS)) and facts[3] == "0", result.stdout[-2000:]
     assert controls and int(controls[1]) >= int(controls[3]), result.stdout[-2000:]
     assert "Traceback" not in result.stderr

@@ -32,8 +32,7 @@ def quickstart(steps: int, port: int, save: bool) -> None:
     def step(text: str) -> None:
         ui.console.print(f"[cyan]›[/] {text}", highlight=False)
 
-    with ui.Dashboard() as dashboard:
-        result = run_quickstart(registry(), steps=steps, port=port, progress=step, train_events=dashboard)
+    result = run_quickstart(registry(), steps=steps, port=port, progress=step)
 
     table = Table("", "question (never trained on)", "base (before)", f"{MERGED} via vLLM (after)", "", title="before / after", show_lines=True)
     for q, before, after in zip(result.questions, result.before, result.after):
@@ -53,7 +52,7 @@ def quickstart(steps: int, port: int, save: bool) -> None:
         highlight=False,
     )
     before, after = score(result.questions, result.before), score(result.questions, result.after)
-    for group, title in (("fact", "taught facts, asked as new paraphrases"), ("control", "general-knowledge controls")):
+    for group, title in (("fact", "taught facts (asked as new paraphrases)"), ("control", "general-knowledge controls")):
         (right, asked), (base_right, _) = after[group], before[group]
         ui.console.print(f"[bold]{right}/{asked}[/] {title} right after fine-tuning (base: {base_right}/{asked})")
     if save:

@@ -223,6 +223,10 @@ class TrainingRun:
         self.layer_groups = self._layer_groups()
         self.warmup_steps = int(cfg.train.warmup) if cfg.train.warmup >= 1 else int(round(cfg.train.warmup * self.total_steps))
         self.optimizer, self.optimizer_name = self._build_optimizer()
+        self.state.extra["optimizer"] = self.optimizer_name
+        # fp16 (GPUs before Ampere) underflows: the gradients reaching the lower LoRA layers are
+        # below fp16's smallest normal unless the loss is scaled up first.
+        self.scaler = torch.amp.GradScaler(self.device) if self.dtype == torch.float16 else None
         self.val_batches = self._batches_of(self.data.val)
 
     def _build_model(self):
@@ -367,10 +371,19 @@ class TrainingRun:
                 self.emit(Note(f"checkpoint {path.name} is damaged ({problem}); falling back to the one before", "warning"))
                 continue
             state, adapter, optimizer_state = ckpt.load(path)
+            saved_optimizer = state.extra.get("optimizer", self.optimizer_name)
+            if saved_optimizer != self.optimizer_name:
+                raise ApplianceError(
+                    f"The run was checkpointed with the {saved_optimizer} optimizer and would resume with {self.optimizer_name} "
+                    f"(on {self.device}); their states do not convert.",
+                    f"resume where it ran, or pass --set train.optimizer={saved_optimizer}",
+                )
             with torch.no_grad():
                 for name, param in self.adapter_params.items():
                     param.copy_(adapter[name].to(param.device, param.dtype))
             self.optimizer.load_state_dict(optimizer_state)
+            if self.scaler is not None and "loss_scale" in state.extra:
+                self.scaler.load_state_dict(state.extra["loss_scale"])
             self.state = state
             self._truncate_metrics(state.step)
             return path.name
@@ -450,13 +463,21 @@ class TrainingRun:
         for batch in micro:
             tensors = {k: v.to(self.device) for k, v in batch.tensors.items()}
             loss_sum, stats = self.objective.loss_sum(self.model, tensors)
-            (loss_sum / units).backward()
+            loss = loss_sum / units
+            (self.scaler.scale(loss) if self.scaler else loss).backward()
             loss_total += float(loss_sum.detach())
             for k, v in stats.items():
                 stats_total[k] = stats_total.get(k, 0.0) + v / len(micro)
         params = [p for p in self.adapter_params.values() if p.requires_grad]
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm if t.max_grad_norm > 0 else float("inf"))
-        self.optimizer.step()
+        if self.scaler:  # skips the step when the scaled gradients overflowed, then lowers the scale
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.state.extra["loss_scale"] = self.scaler.state_dict()
+        else:
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.state.micro_batches += t.grad_accum
         self.state.step += 1
