@@ -12,9 +12,15 @@ Memory is modelled part by part for two training loops:
   norms, head) to fp32, which makes the residual stream and the logits fp32 too, and
   transformers' loss holds the full logits, their log-softmax and two gradients of that
   size at once.
-A step's peak is the larger of two moments: the loss (logits at their widest) and the
-backward pass through one layer (its activations recomputed, gradients in flight). The
-estimate is checked against every measured peak in bench/results (tests/test_plan.py).
+A step's peak is the largest of three moments: the loss (logits at their widest), the
+backward pass through one block (its activations recomputed, gradients in flight) and the
+optimizer step (every gradient). The peak is compared with the memory the driver leaves
+usable on the card, which is less than the box says (profiles/gpus `usable_gib`).
+
+Checked against measurements: the peer loop's GPU peaks in bench/results
+(tests/test_plan.py), and our loop part by part and moment by moment against the live
+tensor bytes of real CPU steps (`appliance bench memory`, bench/results/memory-*.json,
+tests/test_memory.py).
 """
 
 from __future__ import annotations
@@ -78,10 +84,18 @@ class Profile(BaseModel):
 
 
 class GpuProfile(Profile):
-    vram_gib: float = Field(gt=0, description="memory on the card, GiB")
+    vram_gib: float = Field(gt=0, description="memory on the card, GiB, as the box says")
+    usable_gib: float | None = Field(
+        None, gt=0, description="what the driver reports (torch total_memory), less than the box says; unset: vram_gib"
+    )
     bf16: bool = Field(description="tensor cores compute bf16 (else training computes in fp16)")
     bf16_tflops: float | None = Field(None, gt=0, description="dense bf16 tensor rate with fp32 accumulate, TFLOP/s (no sparsity); unknown: no time estimate")
     bandwidth_gbps: float | None = Field(None, gt=0, description="memory bandwidth, GB/s")
+
+    @property
+    def usable(self) -> float:
+        """What a plan compares with: the memory a process can have."""
+        return self.usable_gib or self.vram_gib
 
 
 class ModelShape(Profile):
@@ -188,16 +202,19 @@ def find_gpu(name: str) -> GpuProfile:
 
 
 def detected_gpu() -> GpuProfile | None:
-    """The GPU of this machine: its profile, with the memory the driver reports; None on CPU."""
+    """The GPU of this machine: its profile, with the memory the driver reports as usable; None on CPU."""
     from appliance.hardware import detect
 
     hw = detect()
     if hw.device != "cuda":
         return None
+    reported = round(hw.memory_gib, 2)  # torch total_memory: already what the driver leaves usable
     profile = _match(hw.name, gpu_profiles(), GPU_WORDS)
     if profile is None:  # a card without a profile: plan memory, no time estimate
-        return GpuProfile(name=hw.name, vram_gib=round(hw.memory_gib, 2), bf16=hw.bf16)
-    return profile.model_copy(update={"vram_gib": round(hw.memory_gib, 2)})
+        return GpuProfile(name=hw.name, vram_gib=reported, usable_gib=reported, bf16=hw.bf16)
+    if profile.usable_gib is not None and abs(reported - profile.usable_gib) > 1:  # another memory size under one name
+        return profile.model_copy(update={"vram_gib": reported, "usable_gib": reported})
+    return profile.model_copy(update={"usable_gib": reported})
 
 
 def require_gpu() -> GpuProfile:
@@ -287,6 +304,11 @@ class TrainSettings(BaseModel):
     lora_shared_inputs: bool = Field(_default(LoraSpec, "shared_inputs"), description="LoRA keeps the base layer's input, not an fp32 copy")
     mlp_tile_tokens: int | None = Field(None, description="compute each MLP over this many tokens at a time")
     optimizer: Optimizer = Field("paged_adamw_8bit", description="what train.optimizer 'auto' picks on CUDA")
+    packed: bool | None = Field(
+        None,
+        description="rows hold several examples or end in padding, so transformers builds a (rows, 1, W, W) attention mask; "
+        "None: whenever a micro-batch has several rows (examples differ in length), except cpt's full blocks",
+    )
 
 
 # TrainSettings field → where RunConfig keeps it (fields absent here cannot be set in a run yet).
@@ -415,27 +437,67 @@ def layer_activation_bytes(shape: ModelShape, settings: TrainSettings, loop: Loo
     """
     a, h = _stream_bytes(settings, loop), shape.hidden_size
     kept = 2 * 4 * h  # each RMSNorm keeps its input upcast to fp32
-    # q and k after RoPE, k and v repeated to every head, the attention output, fp32 log-sum-exp
-    kept += 4 * a * shape.attention_width + 4 * shape.num_attention_heads
+    # SDPA keeps q after RoPE, k and v, its output and an fp32 log-sum-exp per head. transformers
+    # repeats k and v to every head when SDPA gets a mask; without one our bf16 SDPA reads them
+    # grouped (enable_gqa).
+    kv = shape.kv_width if loop == "appliance" and not packed_mask(settings) else shape.attention_width
+    kept += a * (shape.attention_width + 2 * kv) + 4 * shape.num_attention_heads
+    # Its output is o_proj's input: LoRA with shared inputs keeps that very storage (flash and
+    # memory-efficient kernels write it token-major, so no copy is made; measured).
+    if not (loop == "appliance" and settings.lora_shared_inputs and "o_proj" in lora_targets(settings)):
+        kept += a * shape.attention_width
     kept += _lora_kept_bytes(shape, settings, loop, ATTENTION_MODULES)
     return kept + mlp_activation_bytes(shape, settings, loop)
 
 
-def _mlp_backward_bytes(shape: ModelShape, settings: TrainSettings, loop: Loop) -> float:
-    """Bytes per token of the MLP's gradients in flight, the widest of a layer's backward:
-    the fp32 gradient of LoRA's input copy and two of the stream's."""
-    return (4 + 2 * _stream_bytes(settings, loop)) * shape.intermediate_size
+def _dequantized_bytes(shape: ModelShape, settings: TrainSettings, modules: list[str]) -> float:
+    """bitsandbytes dequantizes a 4-bit layer's weight to bf16 for each matmul: the widest of `modules`."""
+    if not settings.load_in_4bit:
+        return 0.0
+    return 2 * max(i * o for m, (i, o) in shape.linear_shapes().items() if m in modules)
 
 
-def _attention_backward_bytes(shape: ModelShape, settings: TrainSettings, loop: Loop) -> float:
-    """Bytes per token of attention's gradients in flight: q, k and v (k and v repeated to every
-    head) and the fp32 gradient of LoRA's input copy. Narrower than the MLP's, so it sets the
-    peak only once the MLP is tiled."""
-    return 3 * _stream_bytes(settings, loop) * shape.attention_width + 4 * shape.hidden_size
+def _mlp_backward(shape: ModelShape, settings: TrainSettings, loop: Loop, tokens: int) -> float:
+    """Bytes of the MLP's gradients in flight over `tokens`, the widest part of a layer's backward.
+
+    Ours (measured, bench/results/memory-*): down_proj's input gradient comes from two branches
+    the autograd engine runs one after the other: LoRA's (an fp32 gradient and its cast to the
+    stream's dtype), then the base layer's (its gradient beside LoRA's, and the weight
+    dequantized for the matmul), by which time LoRA's backward has freed the input it kept.
+    The peer's: the fp32 gradient of LoRA's input copy and two of the stream's, with a
+    dequantized weight.
+    """
+    a, i = _stream_bytes(settings, loop), shape.intermediate_size
+    if loop == "peer":
+        return tokens * (4 + 2 * a) * i + _dequantized_bytes(shape, settings, LINEAR_MODULES)
+    dequantized = _dequantized_bytes(shape, settings, MLP_MODULES)
+    if "down_proj" not in lora_targets(settings):
+        return tokens * a * i + dequantized
+    lora_branch = tokens * (4 + a) * i
+    kept_input = (a if settings.lora_shared_inputs else 4) * i  # what LoRA kept of down_proj's input, per token
+    base_branch = tokens * (2 * a * i - kept_input) + dequantized
+    return max(lora_branch, base_branch)
+
+
+def _attention_backward(shape: ModelShape, settings: TrainSettings, loop: Loop, tokens: int) -> float:
+    """Bytes of attention's gradients in flight: q, k and v (k and v repeated to every head) and
+    the fp32 gradient of LoRA's input copy, with a dequantized weight. Narrower than the MLP's,
+    so it sets the peak only once the MLP is tiled."""
+    per_token = 3 * _stream_bytes(settings, loop) * shape.attention_width + 4 * shape.hidden_size
+    return tokens * per_token + _dequantized_bytes(shape, settings, ATTENTION_MODULES)
 
 
 def _residual_backward_bytes(shape: ModelShape, settings: TrainSettings, loop: Loop) -> float:
     return (_stream_bytes(settings, loop) + 4) * shape.hidden_size
+
+
+def packed_mask(settings: TrainSettings) -> bool:
+    """Whether transformers materialises the (rows, 1, W, W) mask: rows packed with several examples
+    or padded (appliance.data.batches.collate_lm restarts position ids there), which happens as soon
+    as a micro-batch's examples differ in length. One example per row, all full, needs none."""
+    if settings.packed is not None:
+        return settings.packed
+    return _rows(settings) > 1 and settings.task != "cpt"
 
 
 def _tiled(settings: TrainSettings) -> bool:
@@ -451,6 +513,7 @@ def chunk_rows(vocab_size: int) -> int:
 class Part(BaseModel):
     gib: float
     what: str
+    allocated: bool = Field(True, description="handed out by PyTorch's allocator (what torch.cuda.max_memory_allocated() counts)")
 
 
 class Estimate(BaseModel):
@@ -461,8 +524,12 @@ class Estimate(BaseModel):
     loop: Loop
     settings: TrainSettings
     parts: dict[str, Part]
-    peak_moment: Literal["loss", "backward"] = Field(description="when the peak happens: at the loss, or in a layer's backward")
-    gpu_gib: float
+    peak_moment: Literal["loss", "backward", "optimizer"] = Field(description="when the peak happens: at the loss, in a block's backward, or at the optimizer step")
+    moments: dict[str, dict[str, float]] = Field(
+        description="what PyTorch allocates at each moment (loss, backward, optimizer), GiB by part; the peak moment's are `parts`"
+    )
+    gpu_gib: float = Field(description="the memory the plan compares with: what the driver reports usable")
+    nominal_gib: float = Field(description="the memory on the box")
 
     @computed_field
     @property
@@ -472,8 +539,8 @@ class Estimate(BaseModel):
     @computed_field
     @property
     def allocated_gib(self) -> float:
-        """What torch.cuda.max_memory_allocated() reports: the total without context and slack."""
-        return sum(p.gib for name, p in self.parts.items() if name not in ("cuda_context", "allocator_slack"))
+        """What torch.cuda.max_memory_allocated() reports: the total without the context, the slack and paged states."""
+        return sum(p.gib for p in self.parts.values() if p.allocated)
 
     @computed_field
     @property
@@ -482,38 +549,60 @@ class Estimate(BaseModel):
 
 
 def estimate(shape: ModelShape, gpu: GpuProfile, settings: TrainSettings, loop: Loop = "appliance") -> Estimate:
-    """Peak memory of a training step of `shape` with `settings` on `gpu`."""
+    """Peak memory of a training step of `shape` with `settings` on `gpu`.
+
+    Three moments are modelled, each with what is alive then: the loss (the model's forward
+    done, the logits at their widest), the backward of the top block (one block recomputed, its
+    gradients in flight) and the optimizer step (every gradient). The peak is the largest.
+    """
     check_settings(shape, settings)
     s, a = settings, _stream_bytes(settings, loop)
     h, layers = shape.hidden_size, shape.num_hidden_layers
     tokens = _rows(s) * s.seq_len
-    parts: dict[str, Part] = {}
+    static: dict[str, Part] = {}
 
     linear = _linear_parameters(shape)
     if s.load_in_4bit:
         bits = 4 + (DOUBLE_QUANT_BITS if s.double_quant else ABSMAX_BITS)
         quant = "double-quantized constants" if s.double_quant else "fp32 constants"
-        parts["linear_weights"] = Part(gib=linear * bits / 8 / GIB, what=f"linear layers in 4-bit NF4 + {quant}")
+        static["linear_weights"] = Part(gib=linear * bits / 8 / GIB, what=f"linear layers in 4-bit NF4 + {quant}")
     else:
-        parts["linear_weights"] = Part(gib=2 * linear / GIB, what="linear layers in 16-bit")
+        static["linear_weights"] = Part(gib=2 * linear / GIB, what="linear layers in 16-bit")
     kept_dtype = "fp32 (prepare_model_for_kbit_training casts them)" if a == 4 else "bf16"
     head = "" if shape.tie_word_embeddings else ", head"
-    parts["kept_weights"] = Part(gib=a * _kept_parameters(shape) / GIB, what=f"embeddings{head}, norms in {kept_dtype}")
+    static["kept_weights"] = Part(gib=a * _kept_parameters(shape) / GIB, what=f"embeddings{head}, norms in {kept_dtype}")
 
     adapters = lora_parameters(shape, s)
     targets = lora_targets(s)
-    parts["lora_weights"] = Part(
+    static["lora_weights"] = Part(
         gib=4 * adapters / GIB, what=f"LoRA r{s.rank} on {len(targets)} linear layers in each of {layers} blocks, fp32 ({adapters / 1e6:.1f} M parameters)"
     )
-    parts["lora_gradients"] = Part(gib=4 * adapters / GIB, what="their gradients, fp32")
     states = OPTIMIZER_STATE_BYTES[s.optimizer] * adapters / GIB
     if s.optimizer == "paged_adamw_8bit":
-        # Paged states live in unified memory and move to CPU memory when the GPU runs short:
-        # they never cause an out-of-memory error, and PyTorch's allocator does not count them.
-        parts["optimizer_states"] = Part(gib=0.0, what=f"paged 8-bit AdamW: {states:.2f} GiB, moved to CPU memory when the GPU is full")
+        # bitsandbytes allocates paged states in CUDA unified memory, outside PyTorch's allocator
+        # (max_memory_allocated never counts them). They sit in GPU memory while it has room: the
+        # driver moves pages to CPU memory only under pressure, and not at all under WSL2. So they
+        # count against the card, not in what PyTorch reports.
+        static["optimizer_states"] = Part(
+            gib=states, allocated=False, what="paged 8-bit AdamW: in GPU memory while it fits, outside PyTorch's allocator"
+        )
     else:
         kind = "8-bit" if s.optimizer == "adamw_8bit" else "fp32"
-        parts["optimizer_states"] = Part(gib=states, what=f"AdamW, two {kind} states per LoRA parameter")
+        static["optimizer_states"] = Part(gib=states, what=f"AdamW, two {kind} states per LoRA parameter")
+
+    # Gradients are set to None after each optimizer step: with one micro-batch per step none
+    # exist at the loss, and backward creates them block by block from the top.
+    grads = 4 * adapters
+    accumulating = s.grad_accum > 1
+    grads_what = "their gradients, fp32"
+
+    mask, mask_in_backward = 0.0, 0.0
+    if packed_mask(s):
+        # transformers' SDPA path builds one (rows, 1, W, W) bool mask per forward (kept to the end
+        # of backward); each attention call turns it into an additive mask in the compute dtype,
+        # which SDPA keeps for its backward: one more, in the recomputed block (measured).
+        mask, mask_in_backward = _rows(s) * s.seq_len**2, a * _rows(s) * s.seq_len**2
+    mask_what = f"the packed-sequence mask transformers builds, {_rows(s)} × {s.seq_len}² bool"
 
     # What a block keeps for all its tokens, and what its backward holds beyond that.
     block = tokens * layer_activation_bytes(shape, s, loop)
@@ -521,39 +610,79 @@ def estimate(shape: ModelShape, gpu: GpuProfile, settings: TrainSettings, loop: 
     if _tiled(s):
         # The tiled MLP keeps only its input; one tile at a time is recomputed and backpropagated.
         block += tokens * (a * h - mlp_activation_bytes(shape, s, loop))
-        mlp_tile = s.mlp_tile_tokens * (mlp_activation_bytes(shape, s, loop) + _mlp_backward_bytes(shape, s, loop))
-        transient += max(mlp_tile, tokens * _attention_backward_bytes(shape, s, loop))
+        mlp_tile = s.mlp_tile_tokens * mlp_activation_bytes(shape, s, loop) + _mlp_backward(shape, s, loop, s.mlp_tile_tokens)
+        transient += max(mlp_tile, _attention_backward(shape, s, loop, tokens))
         mlp_what = f", MLPs {s.mlp_tile_tokens} tokens at a time"
     else:
-        transient += tokens * _mlp_backward_bytes(shape, s, loop)
+        transient += _mlp_backward(shape, s, loop, tokens)
         mlp_what = ""
     if s.gradient_checkpointing:
         stored, stored_what = tokens * a * h * layers, f"each block's input, kept for the recompute ({layers} × {tokens} tokens × {h})"
+        in_backward, backward_what = block + transient, f"one block recomputed in backward{mlp_what}"
         if s.offload_activations:
             stored, stored_what = 0.0, f"block inputs offloaded to CPU memory ({tokens * a * h * layers / GIB:.2f} GiB there)"
-        in_backward, backward_what = block + transient, f"one block recomputed in backward{mlp_what}"
+            in_backward += tokens * a * h  # the recomputed block's input, brought back
+            backward_what += " from its input brought back"
     else:
         stored, stored_what = layers * block, f"all {layers} blocks' activations{mlp_what}"
         in_backward, backward_what = transient, "none recomputed"
-    if s.load_in_4bit:
-        # bitsandbytes dequantizes a layer's weight to bf16 for each matmul.
-        in_backward += 2 * max(i * o for i, o in shape.linear_shapes().values())
 
     loss, held_logits, loss_what = _loss_bytes(shape, s, loop, tokens, a)
-    if in_backward + held_logits >= loss:
-        parts["activations"] = Part(gib=(stored + in_backward) / GIB, what=f"{stored_what}; {backward_what}, gradients in flight")
-        freed = f"{loss_what}: {loss / GIB:.2f} GiB at the loss, freed before the peak"
-        parts["logits_and_loss"] = Part(gib=held_logits / GIB, what="the logits, still held by the model's output" if held_logits else freed)
-        moment = "backward"
-    else:
-        parts["activations"] = Part(gib=stored / GIB, what=stored_what)
-        parts["logits_and_loss"] = Part(gib=loss / GIB, what=loss_what)
-        moment = "loss"
+    # The backward's widest moment: at the top block (every stored input, one block's gradients),
+    # or, when a block's gradients outweigh its stored input, at the bottom one (every gradient).
+    top = stored + grads / layers
+    bottom = stored / layers + grads
+    at_top = accumulating or top >= bottom
+    backward_grads = grads if accumulating or not at_top else grads / layers
+    backward_stored = stored if at_top else stored / layers
 
-    allocated = sum(p.gib for p in parts.values())
-    parts["cuda_context"] = Part(gib=CUDA_CONTEXT_GIB, what="CUDA context and kernels, outside PyTorch's allocator")
-    parts["allocator_slack"] = Part(gib=ALLOCATOR_SLACK * allocated, what=f"allocator slack: reserved, unused blocks ({ALLOCATOR_SLACK:.0%})")
-    return Estimate(model=shape.name, gpu=gpu.name, loop=loop, settings=s, parts=parts, peak_moment=moment, gpu_gib=gpu.vram_gib)
+    def moment_parts(moment: str) -> dict[str, Part]:
+        parts = dict(static)
+        if moment == "loss":
+            parts["lora_gradients"] = Part(gib=grads / GIB if accumulating else 0.0, what=grads_what + (
+                ", from the micro-batches before" if accumulating else ": none yet (set to None after each step)"))
+            parts["packed_mask"] = Part(gib=mask / GIB, what=mask_what)
+            parts["activations"] = Part(gib=stored / GIB, what=stored_what)
+            parts["logits_and_loss"] = Part(gib=loss / GIB, what=loss_what)
+        elif moment == "backward":
+            where = "" if accumulating else (": the top block's" if at_top else ": all, at the bottom block")
+            parts["lora_gradients"] = Part(gib=backward_grads / GIB, what=grads_what + where)
+            parts["packed_mask"] = Part(gib=(mask + mask_in_backward) / GIB, what=mask_what + ", and its additive copy in the recomputed block")
+            parts["activations"] = Part(gib=(backward_stored + in_backward) / GIB, what=f"{stored_what}; {backward_what}, gradients in flight")
+            freed = f"{loss_what}: {loss / GIB:.2f} GiB at the loss, freed before"
+            parts["logits_and_loss"] = Part(gib=held_logits / GIB, what="the logits, still held by the model's output" if held_logits else freed)
+        else:
+            parts["lora_gradients"] = Part(gib=grads / GIB, what=grads_what + ": all of them")
+            parts["packed_mask"] = Part(gib=0.0, what="freed with the step's activations")
+            # With checkpointing, transformers makes the embeddings' output require a gradient (the
+            # recomputed blocks need an input that does); the graph keeps it and its gradient to the
+            # step's end (measured).
+            leaf = 2 * tokens * a * h if s.gradient_checkpointing else 0.0
+            parts["activations"] = Part(gib=leaf / GIB, what="the embeddings' output and its gradient" if leaf else "freed after backward")
+            parts["logits_and_loss"] = Part(gib=0.0, what="freed after backward")
+        if not packed_mask(s):
+            del parts["packed_mask"]
+        return parts
+
+    moments = {m: moment_parts(m) for m in ("loss", "backward", "optimizer")}
+    allocated = {m: sum(p.gib for p in parts.values() if p.allocated) for m, parts in moments.items()}
+    moment = max(allocated, key=allocated.get)
+    parts = dict(moments[moment])
+    parts["cuda_context"] = Part(gib=CUDA_CONTEXT_GIB, allocated=False, what="CUDA context and kernels, outside PyTorch's allocator")
+    parts["allocator_slack"] = Part(
+        gib=ALLOCATOR_SLACK * allocated[moment], allocated=False, what=f"allocator slack: reserved, unused blocks ({ALLOCATOR_SLACK:.0%})"
+    )
+    return Estimate(
+        model=shape.name,
+        gpu=gpu.name,
+        loop=loop,
+        settings=s,
+        parts=parts,
+        peak_moment=moment,
+        moments={m: {name: p.gib for name, p in ps.items() if p.allocated} for m, ps in moments.items()},
+        gpu_gib=gpu.usable,
+        nominal_gib=gpu.vram_gib,
+    )
 
 
 def _loss_bytes(shape: ModelShape, s: TrainSettings, loop: Loop, tokens: int, a: int) -> tuple[float, float, str]:
@@ -567,9 +696,13 @@ def _loss_bytes(shape: ModelShape, s: TrainSettings, loop: Loop, tokens: int, a:
         loss = tokens * vocab * (a + 3 * 4) + tokens * (4 + a) * h
         return loss, tokens * vocab * a, f"full logits, {tokens} × {vocab}: the logits, their log-softmax and two gradients"
     rows = min(tokens, chunk_rows(vocab))
-    # fp32 logits of a chunk, their shifted copy and the softmax; the final hidden states,
-    # the norm's fp32 input, the labelled rows and their gradient.
-    loss = 12 * rows * vocab + 10 * tokens * h
+    # fp32 logits of a chunk, their shifted copy and the softmax. The loop of
+    # appliance.train.losses keeps the softmax of one chunk until the next chunk's replaces it,
+    # so from the second chunk on, the previous chunk's is alive beside the three (measured).
+    second = min(rows, tokens - rows)
+    chunks = 4 * vocab * max(3 * rows, rows + 3 * second)
+    # The final hidden states, the norm's fp32 input, the labelled rows and their gradient.
+    loss = chunks + 10 * tokens * h
     return loss, 0.0, f"logits of {rows} positions at a time, never the full {tokens} × {vocab}"
 
 
@@ -678,7 +811,7 @@ def _candidates(shape: ModelShape, gpu: GpuProfile, s: TrainSettings) -> list[tu
     if offload and tile:
         out.append((f"both: {offload_what}, and {tile_what}", {"offload_activations": True, "mlp_tile_tokens": MLP_TILE_TOKENS}))
     if s.optimizer != "paged_adamw_8bit":
-        out.append(("paged 8-bit AdamW: optimizer states move to CPU memory when the GPU is full", {"optimizer": "paged_adamw_8bit"}))
+        out.append(("paged 8-bit AdamW: a quarter of fp32 AdamW's states, in pages that can move to CPU memory", {"optimizer": "paged_adamw_8bit"}))
     return out
 
 
@@ -896,8 +1029,10 @@ class FitPlan(BaseModel):
             "total_gib": round(e.total_gib, 3),
             "allocated_gib": round(e.allocated_gib, 3),
             "gpu_gib": e.gpu_gib,
+            "nominal_gib": e.nominal_gib,
             "fits": e.fits,
             "peak_moment": e.peak_moment,
+            "moments": {m: round(sum(parts.values()), 3) for m, parts in e.moments.items()},
             "parts": {name: round(p.gib, 3) for name, p in e.parts.items()},
             "parts_what": {name: p.what for name, p in e.parts.items()},
             "max_seq_len": self.max_seq_len,

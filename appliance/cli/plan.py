@@ -62,7 +62,7 @@ def show(result) -> None:
     e, s = result.estimate, result.estimate.settings
     precision = "QLoRA, 4-bit NF4" if s.load_in_4bit else "LoRA, 16-bit weights"
     title = (
-        f"{e.model} on {e.gpu} ({e.gpu_gib:g} GiB) · {precision} · seq {s.seq_len} × batch {s.batch_size} · "
+        f"{e.model} on {e.gpu} ({e.gpu_gib:g} GiB usable of {e.nominal_gib:g}) · {precision} · seq {s.seq_len} × batch {s.batch_size} · "
         f"r{s.rank} · checkpointing {'on' if s.gradient_checkpointing else 'off'} · {e.loop} loop"
     )
     table = Table(title=title, title_justify="left", show_footer=True)
@@ -73,7 +73,7 @@ def show(result) -> None:
         table.add_row(name.replace("_", " "), f"{part.gib:.2f}", part.what)
     ui.console.print(table)
     verdict = "[green]fits[/]" if e.fits else "[red]does not fit[/]"
-    ui.console.print(f"{verdict}: {e.total_gib:.2f} of {e.gpu_gib:g} GiB")
+    ui.console.print(f"{verdict}: {e.total_gib:.2f} of the {e.gpu_gib:g} GiB the driver leaves usable ({e.nominal_gib:g} GiB on the box)")
     longest = f"{result.max_seq_len} tokens" if result.max_seq_len else "none (not even 128 tokens)"
     ui.console.print(f"longest sequence that fits at batch {s.batch_size}: {longest}; largest batch at seq {s.seq_len}: {result.max_batch_size}")
     if result.time:
