@@ -1,50 +1,17 @@
 """Talking to the endpoint with the official `openai` SDK: one answer, streaming chat, benchmarks.
 
-The endpoint is found in this order: `--url`, `$APPLIANCE_URL`, the installed
-service's settings, a foreground `appliance serve` still running, then
-http://127.0.0.1:8000. The API key: `--api-key`, `$APPLIANCE_API_KEY`, the key
-that foreground server recorded, the installed service's env file.
+Where the endpoint is and what it serves comes from appliance.serve.endpoint.
 """
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from appliance.errors import ApplianceError
-
-DEFAULT_URL = "http://127.0.0.1:8000"
-
-
-@dataclass
-class Endpoint:
-    url: str
-    api_key: str | None = None
-
-    @property
-    def base_url(self) -> str:
-        return self.url.rstrip("/") + "/v1"
-
-
-def find_endpoint(url: str | None = None, api_key: str | None = None) -> Endpoint:
-    """The URL: `url`, $APPLIANCE_URL, the installed service, a foreground `appliance serve` still
-    running, the default. The key: `api_key`, $APPLIANCE_API_KEY, the key a foreground server at
-    that URL recorded (a private file in the store), the installed service's."""
-    service_url, service_key, running = None, None, []
-    try:
-        from appliance.serve.service import installed_endpoint, running_servers
-
-        service_url, service_key = installed_endpoint()
-        running = running_servers()
-    except ImportError:
-        pass
-    chosen = url or os.environ.get("APPLIANCE_URL") or service_url or (running[0]["url"] if running else DEFAULT_URL)
-    # A foreground server's key goes to that server only.
-    here = next((r.get("api_key") for r in running if str(r.get("url", "")).rstrip("/") == chosen.rstrip("/")), None)
-    return Endpoint(chosen, api_key or os.environ.get("APPLIANCE_API_KEY") or here or service_key)
+from appliance.serve.endpoint import Endpoint, no_server, served_models
 
 
 def sdk(endpoint: Endpoint, timeout: float = 300):
@@ -57,10 +24,7 @@ def _translate(err: Exception, endpoint: Endpoint, model: str | None = None) -> 
     import openai
 
     if isinstance(err, openai.APIConnectionError):
-        return ApplianceError(
-            f"No server answers at {endpoint.url}.",
-            "start one with `appliance serve MODEL` (or `appliance service install MODEL`), or pass --url",
-        )
+        return no_server(endpoint)
     if isinstance(err, openai.AuthenticationError):
         return ApplianceError(
             f"The server at {endpoint.url} refused the API key.",
@@ -74,15 +38,6 @@ def _translate(err: Exception, endpoint: Endpoint, model: str | None = None) -> 
     if isinstance(err, openai.APIStatusError):
         return ApplianceError(f"The server answered {err.status_code}: {err.message}", "see the server's log")
     return ApplianceError(f"Request to {endpoint.url} failed: {err}", "check the server")
-
-
-def served_models(endpoint: Endpoint) -> list[dict[str, Any]]:
-    import openai
-
-    try:
-        return [m.model_dump() for m in sdk(endpoint, timeout=10).models.list().data]
-    except openai.OpenAIError as err:
-        raise _translate(err, endpoint) from None
 
 
 def default_model(endpoint: Endpoint) -> str:
@@ -265,15 +220,14 @@ def time_restart(registry, base: str, adapter: str | None, log_dir: Path) -> dic
     It runs beside the benchmarked one on a free port and is stopped afterwards, so the
     endpoint under test is never interrupted.
     """
-    from appliance.serve.command import build_spec, vllm_command, vllm_env
-    from appliance.serve.process import VllmProcess, free_port
+    from appliance.serve.command import build_spec
+    from appliance.serve.process import free_port, running_server
 
     spec = build_spec(registry, base, [adapter] if adapter else [], port=free_port(RESTART_PORT))
     start = time.perf_counter()
-    with VllmProcess(vllm_command(spec), vllm_env(spec), log_dir / f"bench-restart-{spec.port}.log") as server:
-        healthy_s = server.wait_healthy(spec.url)
+    with running_server(spec, log_dir / f"bench-restart-{spec.port}.log") as server:
         to_first = _seconds_to_first_token(Endpoint(spec.url), adapter or base, start, "The fresh server answered with an error", f"see {server.log_path}")
-    return {"healthy_s": round(healthy_s, 1), "to_first_token_s": round(to_first, 1)}
+    return {"healthy_s": round(server.healthy_s, 1), "to_first_token_s": round(to_first, 1)}
 
 
 def bench_serve(

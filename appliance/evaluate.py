@@ -160,12 +160,11 @@ def evaluate_adapter(
 ) -> EvalReport:
     from appliance.config import DataSource, RunConfig
     from appliance.data.dataset import prepare
-    from appliance.merge import check_adapter_base
     from appliance.train.model import load_tokenizer
     from appliance.train.objectives import objective_for
 
     manifest = registry.adapter(adapter_name)
-    base = check_adapter_base(registry, manifest)
+    base = registry.base_of(manifest)
     cfg = RunConfig.model_validate(manifest.config)
     if cfg.task == "classify" and against not in (None, base.name):
         raise ApplianceError(

@@ -76,24 +76,6 @@ TOKENIZER_FILES = (
 )
 
 
-def check_adapter_base(registry: Registry, adapter: AdapterManifest) -> ModelManifest:
-    """The adapter's base must be in the store with the fingerprint it was trained on."""
-    try:
-        base = registry.model(adapter.base)
-    except ApplianceError:
-        raise ApplianceError(
-            f"The base model {adapter.base!r} of adapter {adapter.name!r} is not in the store.",
-            f"import it again under the same name (appliance models import SOURCE --name {adapter.base})",
-        ) from None
-    if base.fingerprint != adapter.base_fingerprint:
-        raise ApplianceError(
-            f"Adapter {adapter.name!r} was trained on a base with fingerprint {adapter.base_fingerprint}, "
-            f"but {base.name!r} now has fingerprint {base.fingerprint}.",
-            "use the base it was trained on, or train the adapter again on this one",
-        )
-    return base
-
-
 def merge_dtype(requested: MergeDtype, hw) -> str:
     """What the merged weights are stored in: the serving GPU's native 16-bit type, fp32 on a machine
     without a GPU (vLLM serves float32 there, and bf16 rounding would be a loss for nothing)."""
@@ -343,7 +325,7 @@ def merge_adapter(
 
     quiet_libraries()
     adapter = registry.adapter(adapter_name)
-    base = check_adapter_base(registry, adapter)
+    base = registry.base_of(adapter)
     name = name or f"{adapter.base}-{adapter.name}"
     target = registry.model_dir(name)
     if (target / "manifest.json").is_file() and not overwrite:

@@ -92,10 +92,12 @@ class GpuProfile(Profile):
     bf16_tflops: float | None = Field(None, gt=0, description="dense bf16 tensor rate with fp32 accumulate, TFLOP/s (no sparsity); unknown: no time estimate")
     bandwidth_gbps: float | None = Field(None, gt=0, description="memory bandwidth, GB/s")
 
+    held_gib: float = Field(0.0, ge=0, description="held by other processes now (a desktop, a running server): the detected GPU only")
+
     @property
     def usable(self) -> float:
-        """What a plan compares with: the memory a process can have."""
-        return self.usable_gib or self.vram_gib
+        """What a plan compares with: the memory a process can have, less what others hold now."""
+        return (self.usable_gib or self.vram_gib) - self.held_gib
 
 
 class ModelShape(Profile):
@@ -209,12 +211,14 @@ def detected_gpu() -> GpuProfile | None:
     if hw.device != "cuda":
         return None
     reported = round(hw.memory_gib, 2)  # torch total_memory: already what the driver leaves usable
+    # What is in use beyond this process's own context (which the plan counts) belongs to others.
+    held = round(max(0.0, (hw.memory_bytes - (hw.free_bytes or hw.memory_bytes)) / GIB - CUDA_CONTEXT_GIB), 2)
     profile = _match(hw.name, gpu_profiles(), GPU_WORDS)
     if profile is None:  # a card without a profile: plan memory, no time estimate
-        return GpuProfile(name=hw.name, vram_gib=reported, usable_gib=reported, bf16=hw.bf16)
+        return GpuProfile(name=hw.name, vram_gib=reported, usable_gib=reported, bf16=hw.bf16, held_gib=held)
     if profile.usable_gib is not None and abs(reported - profile.usable_gib) > 1:  # another memory size under one name
-        return profile.model_copy(update={"vram_gib": reported, "usable_gib": reported})
-    return profile.model_copy(update={"usable_gib": reported})
+        return profile.model_copy(update={"vram_gib": reported, "usable_gib": reported, "held_gib": held})
+    return profile.model_copy(update={"usable_gib": reported, "held_gib": held})
 
 
 def require_gpu() -> GpuProfile:
@@ -528,8 +532,9 @@ class Estimate(BaseModel):
     moments: dict[str, dict[str, float]] = Field(
         description="what PyTorch allocates at each moment (loss, backward, optimizer), GiB by part; the peak moment's are `parts`"
     )
-    gpu_gib: float = Field(description="the memory the plan compares with: what the driver reports usable")
+    gpu_gib: float = Field(description="the memory the plan compares with: what the driver reports usable, less what others hold")
     nominal_gib: float = Field(description="the memory on the box")
+    held_gib: float = Field(0.0, description="held by other processes when planned (the detected GPU)")
 
     @computed_field
     @property
@@ -682,6 +687,7 @@ def estimate(shape: ModelShape, gpu: GpuProfile, settings: TrainSettings, loop: 
         moments={m: {name: p.gib for name, p in ps.items() if p.allocated} for m, ps in moments.items()},
         gpu_gib=gpu.usable,
         nominal_gib=gpu.vram_gib,
+        held_gib=gpu.held_gib,
     )
 
 
@@ -1030,6 +1036,7 @@ class FitPlan(BaseModel):
             "allocated_gib": round(e.allocated_gib, 3),
             "gpu_gib": e.gpu_gib,
             "nominal_gib": e.nominal_gib,
+            "held_gib": e.held_gib,
             "fits": e.fits,
             "peak_moment": e.peak_moment,
             "moments": {m: round(sum(parts.values()), 3) for m, parts in e.moments.items()},

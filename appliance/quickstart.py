@@ -85,15 +85,14 @@ class QuickstartResult:
 
 def ask_all(registry: Registry, model: str, questions: list[DemoQuestion], port: int, progress: Callable[[str], None]):
     """Serve `model` with vLLM just long enough to ask every question (temperature 0)."""
-    from appliance.client import Endpoint, ask
-    from appliance.serve.command import build_spec, vllm_command, vllm_env
-    from appliance.serve.process import VllmProcess, require_vllm
+    from appliance.client import ask
+    from appliance.serve.endpoint import Endpoint
+    from appliance.serve.command import build_spec
+    from appliance.serve.process import running_server
 
     spec = build_spec(registry, model, port=port)
-    require_vllm(spec.python)
     log = registry.store.root / "logs" / f"quickstart-{model}.log"
-    with VllmProcess(vllm_command(spec), vllm_env(spec), log) as server:
-        server.wait_healthy(spec.url, tick=lambda s: progress(f"starting vLLM for {model} … {s:.0f} s"))
+    with running_server(spec, log, tick=lambda s: progress(f"starting vLLM for {model} … {s:.0f} s")):
         progress(f"asking {model}")
         answers = [ask(Endpoint(spec.url), q.question, model=model, max_tokens=64) for q in questions]
     return answers, spec.url

@@ -191,6 +191,23 @@ class Registry:
     def adapters(self) -> list[AdapterManifest]:
         return [self.adapter(n) for n in self.store.names("adapters")]
 
+    def base_of(self, adapter: AdapterManifest) -> ModelManifest:
+        """The adapter's base, which must be in the store with the fingerprint it was trained on."""
+        try:
+            base = self.model(adapter.base)
+        except ApplianceError:
+            raise ApplianceError(
+                f"The base model {adapter.base!r} of adapter {adapter.name!r} is not in the store.",
+                f"import it again under the same name (appliance models import SOURCE --name {adapter.base})",
+            ) from None
+        if base.fingerprint != adapter.base_fingerprint:
+            raise ApplianceError(
+                f"Adapter {adapter.name!r} was trained on a base with fingerprint {adapter.base_fingerprint}, "
+                f"but {base.name!r} now has fingerprint {base.fingerprint}.",
+                "use the base it was trained on, or train the adapter again on this one",
+            )
+        return base
+
     def remove_adapter(self, name: str) -> Path:
         self.adapter(name)
         path = self.adapter_dir(name)

@@ -190,9 +190,14 @@ class Spinner:
         if self.status is not None:
             self.status.update(text)
 
-    def __exit__(self, *exc):
+    def stop(self) -> None:
+        """End the spinner before its block ends (what follows prints for a while)."""
         if self.status is not None:
-            self.status.__exit__(*exc)
+            self.status.stop()
+            self.status = None
+
+    def __exit__(self, *exc):
+        self.stop()
 
 
 def is_tty() -> bool:

@@ -143,23 +143,16 @@ def facts(smollm2_store, tmp_path_factory):
 
 
 def serve_for_test(registry, model, adapters=(), port=8123, api_key=None, **options):
-    """A real vLLM server for `model` from `registry`; returns (server, endpoint). Stop it yourself."""
-    from appliance.client import Endpoint
-    from appliance.serve.command import build_spec, vllm_command, vllm_env
-    from appliance.serve.process import VllmProcess
+    """A real vLLM server for `model` from `registry` (the product's own start_server); returns
+    (server, endpoint). Stop it yourself."""
+    from appliance.serve.command import build_spec
+    from appliance.serve.endpoint import Endpoint
+    from appliance.serve.process import start_server
 
     spec = build_spec(registry, model, adapters, port=port, **options)
-    env = {**vllm_env(spec), **({"VLLM_API_KEY": api_key} if api_key else {})}
-    server = VllmProcess(vllm_command(spec), env, registry.store.root / "logs" / f"test-{model}-{port}.log")
-    server.start()
-    try:
-        seconds = server.wait_healthy(spec.url)
-    except BaseException:
-        server.stop()
-        raise
-    print(f"\nvLLM up in {seconds:.0f} s for {spec.served_names}")
+    server = start_server(spec, registry.store.root / "logs" / f"test-{model}-{port}.log", api_key=api_key)
+    print(f"\nvLLM up in {server.healthy_s:.0f} s for {spec.served_names}")
     return server, Endpoint(spec.url, api_key)
-
 
 def run_cli(
     *args: str, env: dict | None = None, timeout: float = 1800, input: str | None = None, module: str = "appliance"
@@ -185,3 +178,63 @@ def write_jsonl(path: Path, rows: list) -> Path:
 
 def chat(q: str, a: str) -> dict:
     return {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
+
+
+class SmallFilesystem:
+    """A user and mount namespace in which `mountpoint` is a fresh tmpfs of `size`: a real full disk, without root.
+
+    The namespace lives until the `with` block ends; `run_cli` runs the real CLI inside it and
+    `path` gives a path as the namespace sees it (through /proc/PID/root), for the checks.
+    """
+
+    def __init__(self, mountpoint: Path, size: str):
+        self.mountpoint, self.size = Path(mountpoint), size
+
+    def __enter__(self) -> "SmallFilesystem":
+        missing = [tool for tool in ("unshare", "nsenter") if shutil.which(tool) is None]
+        if missing:
+            pytest.fail(f"{' and '.join(missing)} (util-linux) is needed to give this test a small file system without root")
+        self.mountpoint.mkdir(parents=True, exist_ok=True)
+        self.holder = subprocess.Popen(
+            ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c",
+             'mount -t tmpfs -o size="$1" tmpfs "$2" && echo mounted && exec cat', "sh", self.size, str(self.mountpoint)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        if self.holder.stdout.readline().strip() != "mounted":
+            self.holder.stdin.close()
+            error = self.holder.stderr.read().strip()
+            self.holder.wait()
+            pytest.fail(f"cannot mount a {self.size} tmpfs in a user namespace (`unshare --user --map-root-user --mount`): {error}")
+        return self
+
+    def run_cli(self, *args: str, timeout: float = 1800) -> subprocess.CompletedProcess:
+        """The real CLI in a subprocess inside the namespace, as `run_cli` runs it outside."""
+        return subprocess.run(
+            ["nsenter", f"--target={self.holder.pid}", "--user", "--mount", "--preserve-credentials", f"--wd={REPO}",
+             sys.executable, "-m", "appliance", *args],
+            capture_output=True, text=True, env=dict(os.environ), timeout=timeout,
+        )
+
+    def path(self, path: Path) -> Path:
+        return Path(f"/proc/{self.holder.pid}/root") / Path(path).relative_to("/")
+
+    def __exit__(self, *exc) -> None:
+        self.holder.stdin.close()  # ends `cat`, and with it the namespace and its tmpfs
+        self.holder.wait(timeout=60)
+
+
+# -- counts the README quotes, from the tests that passed in this session ----------------------------
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The counts the README quotes, from the marked tests that ran in this session (in any order, any subset)."""
+    for marker, label in (("fault", "fault injections"), ("bad_input", "bad inputs (exit 2, one message each)")):
+        ran, passed = set(), set()
+        for outcome in ("passed", "failed", "skipped", "error"):
+            for report in terminalreporter.stats.get(outcome, []):
+                if marker in report.keywords:
+                    ran.add(report.nodeid)
+                    if outcome == "passed" and report.when == "call":
+                        passed.add(report.nodeid)
+        if ran:
+            terminalreporter.write_line(f"{label}: {len(passed)} passed of {len(ran)} run")

@@ -249,3 +249,23 @@ def test_train_fit_applies_the_cheapest_change(smollm2):
     assert "--fit: sequences of at most" in out
     config = json.loads((smollm2.store.root / "adapters" / "big" / "manifest.json").read_text())["config"]
     assert config["data"]["seq_len"] < 8192 and config["train"]["batch_size"] == 34  # the cheapest change only
+
+
+def test_a_plan_for_the_detected_gpu_is_against_what_others_leave_free(monkeypatch):
+    """With the appliance service holding 92 % of an RTX 3060, a run that fits the card does not fit now."""
+    import appliance.hardware as hardware
+    from appliance.plan import detected_gpu, estimate, find_model
+
+    def card(free_gib):
+        total = int(11.75 * 2**30)
+        return hardware.Hardware("cuda", "NVIDIA GeForce RTX 3060", total, True, 16, free_bytes=int(free_gib * 2**30), capability=(8, 6))
+
+    shape, settings = find_model("llama-3.2-1b"), TrainSettings(seq_len=2048, batch_size=1)
+    monkeypatch.setattr(hardware, "detect", lambda: card(11.2))  # only this process's context in use
+    idle = detected_gpu()
+    assert idle.held_gib == pytest.approx(0.05, abs=0.01) and estimate(shape, idle, settings).fits
+    monkeypatch.setattr(hardware, "detect", lambda: card(0.9))  # vLLM took 0.92 of the card
+    busy = detected_gpu()
+    planned = estimate(shape, busy, settings)
+    assert busy.held_gib == pytest.approx(10.35, abs=0.01) and not planned.fits and planned.held_gib == busy.held_gib
+    assert planned.gpu_gib == pytest.approx(11.75 - 10.35, abs=0.01)

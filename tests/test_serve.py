@@ -118,7 +118,7 @@ def test_clients_find_a_running_foreground_server_and_its_key(tiny, monkeypatch)
     import os
     import subprocess
 
-    from appliance.client import DEFAULT_URL, find_endpoint
+    from appliance.serve.endpoint import DEFAULT_URL, find_endpoint
     from appliance.serve.service import write_running_record
 
     monkeypatch.delenv("APPLIANCE_URL", raising=False)

@@ -12,10 +12,11 @@ import pytest
 from click.testing import CliRunner
 
 from appliance.cli import main
-from appliance.client import Endpoint, ask
+from appliance.client import ask
+from appliance.serve.endpoint import Endpoint
 from appliance.errors import ApplianceError
 from appliance.serve.command import build_spec
-from appliance.serve.service import Paths, read_env_file, render
+from appliance.serve.service import Paths, read_env_file, render, write_files
 from conftest import REPO
 
 RECIPES = REPO / "tests" / "data" / "recipes.jsonl"
@@ -28,10 +29,7 @@ def rendered_unit(registry, tmp_path, monkeypatch, adapters=("facts",), port=814
     paths = Paths.for_scope("user")
     spec = build_spec(registry, "smollm2", list(adapters), port=port, runtime_adapters=True)
     rendered = render(spec, registry.store, paths, "sk-appliance-test-key-0123456789")
-    paths.unit.parent.mkdir(parents=True)
-    paths.env.parent.mkdir(parents=True)
-    paths.unit.write_text(rendered.unit)
-    paths.env.write_text(rendered.env)
+    write_files(paths, rendered)  # as `appliance service install` writes them
     return paths, rendered
 
 
@@ -64,6 +62,21 @@ def test_unit_passes_systemd_analyze(tiny, tmp_path, monkeypatch):
         assert ("DevicePolicy=closed" in text) == (device == "cuda")
         assert "--host 127.0.0.1" in unit_value(text, "ExecStart")
         assert "\nMemoryDenyWriteExecute=" not in text  # breaks PyTorch
+
+
+def test_the_env_file_holding_the_key_is_written_readable_only_by_its_owner(tiny, tmp_path, monkeypatch):
+    """Through the function `install` writes with, over an env file an older install left world-readable."""
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+    paths = Paths.for_scope("user")
+    paths.env.parent.mkdir(parents=True)
+    paths.env.write_text("VLLM_API_KEY=sk-old\n")
+    paths.env.chmod(0o644)
+    rendered = render(build_spec(tiny, "tiny"), tiny.store, paths, "sk-appliance-test-key-0123456789")
+    write_files(paths, rendered)
+    assert oct(paths.env.stat().st_mode & 0o777) == "0o600"
+    assert read_env_file(paths.env)["VLLM_API_KEY"] == "sk-appliance-test-key-0123456789"
+    assert paths.unit.read_text() == rendered.unit
+    assert not list(paths.env.parent.glob(".tmp-*")) and not list(paths.unit.parent.glob(".tmp-*"))
 
 
 def test_dry_run_prints_unit_and_env_with_the_key_redacted(tiny, tmp_path, monkeypatch):
@@ -112,7 +125,7 @@ def test_exec_start_serves_and_adapters_swap_without_restart(recipes, tmp_path, 
     exec_start = shlex.split(unit_value(rendered.unit, "ExecStart"))
     env = read_env_file(paths.env)
     assert unit_value(rendered.unit, "EnvironmentFile") == str(paths.env)
-    assert oct(paths.env.stat().st_mode & 0o777) in ("0o600", "0o644")  # written here by the test; install uses 0600
+    assert oct(paths.env.stat().st_mode & 0o777) == "0o600"  # it holds the API key
     import os
 
     server = subprocess.Popen(exec_start, env={**os.environ, **env}, stdout=open(tmp_path / "vllm.log", "w"), stderr=subprocess.STDOUT, start_new_session=True)
@@ -194,3 +207,45 @@ def test_loading_into_a_stopped_server_is_a_clear_error(facts, monkeypatch):
     monkeypatch.setenv("APPLIANCE_HOME", str(facts.store.root))
     result = CliRunner().invoke(main, ["adapters", "load", "facts", "--url", "http://127.0.0.1:9"])
     assert result.exit_code == 2 and "No server answers" in result.output
+
+
+def test_the_start_up_health_poll_gives_up_when_the_server_dies():
+    """ExecStartPost waits for /health; a server that died while starting ends the wait at once,
+    so systemd restarts it after RestartSec, not after the 20-minute start timeout."""
+    import subprocess
+    import sys
+    import time
+
+    server = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(1)"])
+    import threading
+
+    threading.Thread(target=server.wait).start()  # reaped when it exits, as systemd reaps a unit's main process
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, "-m", "appliance.serve.health", "http://127.0.0.1:9", "--timeout", "600"],
+                          env={**__import__("os").environ, "MAINPID": str(server.pid)}, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and f"pid {server.pid}) exited" in done.stderr
+    assert time.monotonic() - started < 60
+
+
+def test_the_gpu_unit_keeps_every_cache_in_its_folder_allows_wsl2_and_starts_after_the_driver(tiny, tmp_path, monkeypatch):
+    """The home is read-only in the unit: HOME and every cache that ignores XDG (FlashInfer's JIT,
+    CUDA's PTX cache, tilelang, inductor) point into the service's writable folder."""
+    from appliance.serve.service import _gpu_device_lines
+
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+    spec = build_spec(tiny, "tiny", device="cuda", gpu_memory_utilization=0.83)
+    rendered = render(spec, tiny.store, Paths.for_scope("user"), "sk-x")
+    env = dict(line.split("=", 1) for line in rendered.env.splitlines() if "=" in line and not line.startswith("#"))
+    writable = unit_value(rendered.unit, "ReadWritePaths")
+    for var in ("HOME", "XDG_CACHE_HOME", "VLLM_CACHE_ROOT", "TRITON_CACHE_DIR", "FLASHINFER_WORKSPACE_BASE", "CUDA_CACHE_PATH",
+                "TILELANG_CACHE_DIR", "TORCHINDUCTOR_CACHE_DIR"):
+        assert shlex.split(env[var])[0].startswith(writable), var
+    assert "nvidia-persistenced.service" in unit_value(rendered.unit, "After")
+    assert "--gpu-memory-utilization 0.83" in unit_value(rendered.unit, "ExecStart")
+    dev = tmp_path / "dev"
+    dev.mkdir()
+    assert "/dev/dxg" not in _gpu_device_lines(dev)
+    (dev / "dxg").touch()
+    (dev / "nvidia0").touch()
+    lines = _gpu_device_lines(dev)
+    assert "DeviceAllow=/dev/dxg rw" in lines and "DeviceAllow=/dev/nvidia0 rw" in lines

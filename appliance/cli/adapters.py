@@ -13,7 +13,7 @@ def adapters() -> None:
 
 
 def _loaded(url, api_key) -> set[str] | None:
-    from appliance.client import find_endpoint, served_models
+    from appliance.serve.endpoint import find_endpoint, served_models
     from appliance.errors import ApplianceError
 
     try:
@@ -98,7 +98,7 @@ def rm(name, yes) -> None:
 def load(name, url, api_key) -> None:
     """Load adapter NAME into the running server, without a restart."""
     from appliance import ui
-    from appliance.client import find_endpoint
+    from appliance.serve.endpoint import find_endpoint
     from appliance.serve.adapters import load as load_adapter
     from appliance.serve.service import rank_limit_for
 
@@ -115,7 +115,7 @@ def load(name, url, api_key) -> None:
 def unload(name, url, api_key) -> None:
     """Remove adapter NAME from the running server, without a restart."""
     from appliance import ui
-    from appliance.client import find_endpoint
+    from appliance.serve.endpoint import find_endpoint
     from appliance.serve.adapters import unload as unload_adapter
 
     seconds = unload_adapter(find_endpoint(url, api_key), registry(), name)

@@ -177,7 +177,7 @@ def bench_serve(model, adapter, url, api_key, concurrency, requests, max_tokens,
       appliance bench serve --adapter facts
     """
     from appliance.client import bench_serve as run_bench
-    from appliance.client import find_endpoint
+    from appliance.serve.endpoint import find_endpoint
     from appliance.hardware import describe
     from appliance.plan import save_result
 

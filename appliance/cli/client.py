@@ -27,7 +27,7 @@ def ask(question, model, adapter, url, api_key, system, max_tokens, temperature)
       appliance ask "What is the capital of Zorvania?" --adapter facts
     """
     from appliance.client import ask as ask_endpoint
-    from appliance.client import find_endpoint
+    from appliance.serve.endpoint import find_endpoint
 
     answer = ask_endpoint(
         find_endpoint(url, api_key), question, model=adapter or model, system=system, temperature=temperature, max_tokens=max_tokens
@@ -47,7 +47,8 @@ def chat(model, adapter, url, api_key, system, temperature, max_tokens) -> None:
     from rich.prompt import Prompt
 
     from appliance import ui
-    from appliance.client import default_model, find_endpoint, stream_chat
+    from appliance.client import default_model, stream_chat
+    from appliance.serve.endpoint import find_endpoint
 
     endpoint = find_endpoint(url, api_key)
     name = adapter or model or default_model(endpoint)

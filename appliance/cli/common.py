@@ -19,3 +19,18 @@ def print_json(obj: Any) -> None:
 
 
 json_option = click.option("--json", "as_json", is_flag=True, help="print JSON instead of tables")
+
+
+def held_memory_note(held_gib: float) -> str | None:
+    """When other processes hold GPU memory a plan needs: how much, and the appliance's own server if it is one."""
+    if held_gib < 0.25:
+        return None
+    from appliance.serve.service import installed, running_servers
+
+    store = registry().store
+    holders = []
+    if installed(store):
+        holders.append("the appliance service (`appliance service stop` frees it)")
+    holders += [f"`appliance serve` at {r['url']} (pid {r['pid']}; Ctrl-C there frees it)" for r in running_servers(store)]
+    who = "; ".join(holders) or "see `nvidia-smi` for which processes"
+    return f"{held_gib:.1f} GiB of the GPU are held by other processes: {who}"

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from appliance.cli.common import json_option, print_json, registry
+from appliance.cli.common import held_memory_note, json_option, print_json, registry
 
 DEFAULT_STEPS = 1000  # for the time estimate when the recipe counts epochs
 
@@ -74,6 +74,9 @@ def show(result) -> None:
     ui.console.print(table)
     verdict = "[green]fits[/]" if e.fits else "[red]does not fit[/]"
     ui.console.print(f"{verdict}: {e.total_gib:.2f} of the {e.gpu_gib:g} GiB the driver leaves usable ({e.nominal_gib:g} GiB on the box)")
+    note = held_memory_note(e.held_gib)
+    if note:
+        ui.warn(note)
     longest = f"{result.max_seq_len} tokens" if result.max_seq_len else "none (not even 128 tokens)"
     ui.console.print(f"longest sequence that fits at batch {s.batch_size}: {longest}; largest batch at seq {s.seq_len}: {result.max_batch_size}")
     if result.time:

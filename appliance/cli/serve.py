@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import signal
 import sys
 
 import click
@@ -82,20 +80,6 @@ def endpoint_help(spec, api_key_env: str | None = None) -> str:
     return f"[bold]curl[/]\n{curl}\n\n[bold]openai SDK[/]\n{sdk}"
 
 
-@contextlib.contextmanager
-def stop_on_sigterm():
-    """SIGTERM (a supervisor, `kill`) stops the server as cleanly as Ctrl-C does."""
-
-    def handler(signum, frame):
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
 @click.command()
 @click.argument("model")
 @serve_options
@@ -121,26 +105,19 @@ def serve(model, api_key, no_api_key, **options) -> None:
 
     from appliance import ui
     from appliance.serve.auth import server_key
-    from appliance.serve.command import shell_line, vllm_command, vllm_env
-    from appliance.serve.process import VllmProcess, check_port, require_vllm
-    from appliance.serve.service import installed_endpoint, write_running_record
+    from appliance.serve.command import shell_line, vllm_command
+    from appliance.serve.process import log_tail, serve_foreground
+    from appliance.serve.service import installed_endpoint
 
     spec = spec_from_options(model, **options)
     key = server_key(spec.host, lora=spec.lora_enabled, given=api_key, opt_out=no_api_key, service_key=installed_endpoint()[1])
-    require_vllm(spec.python)
-    check_port(spec.host, spec.port)
-    cmd, env = vllm_command(spec), vllm_env(spec)
-    if key.key:
-        env["VLLM_API_KEY"] = key.key
     log = registry().store.root / "logs" / f"serve-{spec.port}.log"
-    ui.console.print(f"[dim]{shell_line(cmd)}[/]", highlight=False)
-    server = VllmProcess(cmd, env, log)
-    with server:
-        with ui.Spinner(f"starting vLLM ({'GPU' if spec.on_gpu else 'CPU'}) for {', '.join(spec.served_names)}") as spinner:
-            seconds = server.wait_healthy(spec.url, tick=lambda s: spinner.update(f"starting vLLM … {s:.0f} s (log: {log})"))
+    ui.console.print(f"[dim]{shell_line(vllm_command(spec))}[/]", highlight=False)
+
+    def ready(server) -> None:
         ui.console.print(
             Panel(
-                f"[green]ready[/] in {seconds:.0f} s at [bold]{spec.url}/v1[/]\n"
+                f"[green]ready[/] in {server.healthy_s:.0f} s at [bold]{spec.url}/v1[/]\n"
                 f"served models: {', '.join(spec.served_names)}\npid {server.pid} · log {log}",
                 title="appliance serve",
                 border_style="green",
@@ -155,20 +132,15 @@ def serve(model, api_key, no_api_key, **options) -> None:
         elif key.warning:
             ui.warn(key.warning)
         ui.console.print("[dim]appliance ask / chat / adapters find this server and its key while it runs. Ctrl-C stops it.[/]")
-        record = write_running_record(registry().store, spec, server.pid, key.key)
-        try:
-            with stop_on_sigterm():
-                code = server.wait()
-        except KeyboardInterrupt:
-            ui.console.print("stopping vLLM …")
-            server.stop()
-            ui.console.print("[green]stopped[/]")
-            return
-        finally:
-            record.unlink(missing_ok=True)
-    if code:
-        from appliance.serve.process import log_tail
 
+    with ui.Spinner(f"starting vLLM ({'GPU' if spec.on_gpu else 'CPU'}) for {', '.join(spec.served_names)}") as spinner:
+        code = serve_foreground(
+            spec, log, registry().store, api_key=key.key, on_ready=lambda server: (spinner.stop(), ready(server)),
+            tick=lambda s: spinner.update(f"starting vLLM … {s:.0f} s (log: {log})"),
+        )
+    if code is None:
+        ui.console.print("[green]stopped[/]")
+    elif code:
         ui.fail(f"vLLM exited with code {code}.", f"see {log}", log_tail(log))
         sys.exit(1)
 

@@ -77,7 +77,7 @@ def install(model, system, run_as, force, dry_run, no_wait, **options) -> None:
 def status(as_json: bool) -> None:
     """Unit state, PID, uptime, endpoint, served models and adapters, memory."""
     from appliance import ui
-    from appliance.client import Endpoint, served_models
+    from appliance.serve.endpoint import Endpoint, served_models
     from appliance.errors import ApplianceError
     from appliance.serve.service import installed_endpoint, status as service_status
 

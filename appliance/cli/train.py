@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from appliance.cli.common import registry
+from appliance.cli.common import held_memory_note, registry
 
 RECIPE_FOR_TASK = {"sft": "sft-qlora", "cpt": "cpt", "dpo": "dpo", "classify": "classify"}
 
@@ -162,6 +162,9 @@ def fit_to_gpu(cfg, gpu: str | None, fit: bool) -> dict | None:
         ui.console.print(f"[dim]plan: {e.total_gib:.1f} of {e.gpu_gib:g} GiB on the {e.gpu}[/]")
         return None
     advice = [f"  {r.description}: {r.total_gib:.1f} GiB{' (fits)' if r.fits else ''}" for r in result.recommendations]
+    held = held_memory_note(e.held_gib)
+    if held:
+        advice.insert(0, f"  {held}")
     choice = result.cheapest_fit
     if not fit or choice is None:
         raise ApplianceError(

@@ -18,10 +18,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from appliance.client import Endpoint, served_models
 from appliance.errors import ApplianceError
 from appliance.registry import ModelManifest, Registry
 from appliance.serve.command import check_servable
+from appliance.serve.endpoint import Endpoint, served_models
 
 
 @dataclass
@@ -49,9 +49,8 @@ def served(endpoint: Endpoint, registry: Registry) -> Served:
 def _post(endpoint: Endpoint, route: str, payload: dict) -> "httpx.Response":  # noqa: F821
     import httpx
 
-    headers = {"Authorization": f"Bearer {endpoint.api_key}"} if endpoint.api_key else {}
     try:
-        return httpx.post(f"{endpoint.url}{route}", json=payload, headers=headers, timeout=300)
+        return httpx.post(f"{endpoint.url}{route}", json=payload, headers=endpoint.headers, timeout=300)
     except httpx.HTTPError:
         raise ApplianceError(
             f"No server answers at {endpoint.url}.",

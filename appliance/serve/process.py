@@ -1,7 +1,12 @@
-"""Running vLLM in the foreground: pre-flight checks, start, wait for /health, stop cleanly."""
+"""Running vLLM in the foreground: pre-flight checks, start, wait for /health, stop cleanly.
+
+`start_server` is the one way a vLLM server is started and awaited here: `appliance serve`, the
+quickstart, the serving benchmark's fresh server and the tests all go through it.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -9,9 +14,12 @@ import socket
 import subprocess
 import time
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable, Iterator
 
 from appliance.errors import ApplianceError
+
+if TYPE_CHECKING:
+    from appliance.serve.command import ServeSpec
 
 LOG_TAIL_LINES = 12
 
@@ -131,6 +139,7 @@ class VllmProcess:
         self.env = env
         self.log_path = log_path
         self.proc: subprocess.Popen | None = None
+        self.healthy_s: float | None = None  # seconds from start to /health, once healthy
 
     def start(self) -> "VllmProcess":
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -198,3 +207,69 @@ class VllmProcess:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def start_server(
+    spec: "ServeSpec",
+    log: Path,
+    *,
+    api_key: str | None = None,
+    tick: Callable[[float], None] = lambda _: None,
+    timeout: float = 900,
+) -> VllmProcess:
+    """vLLM for `spec`, started in its own process group and healthy; stopped again if it fails to start."""
+    from appliance.serve.command import vllm_command, vllm_env
+
+    require_vllm(spec.python)
+    check_port(spec.host, spec.port)
+    env = {**vllm_env(spec), **({"VLLM_API_KEY": api_key} if api_key else {})}
+    server = VllmProcess(vllm_command(spec), env, log).start()
+    try:
+        server.healthy_s = server.wait_healthy(spec.url, timeout=timeout, tick=tick)
+    except BaseException:
+        server.stop()
+        raise
+    return server
+
+
+@contextlib.contextmanager
+def running_server(spec: "ServeSpec", log: Path, **options) -> Iterator[VllmProcess]:
+    """A healthy vLLM server for the block, stopped when it ends."""
+    server = start_server(spec, log, **options)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """SIGTERM (a supervisor, `kill`) stops a foreground server as cleanly as Ctrl-C does."""
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def serve_foreground(spec: "ServeSpec", log: Path, store, *, api_key: str | None, on_ready: Callable[[VllmProcess], None],
+                     tick: Callable[[float], None] = lambda _: None) -> int | None:
+    """`appliance serve`: start, announce, record the running server (and its key) for clients in
+    other terminals, wait until vLLM exits (its exit code) or is interrupted (None)."""
+    from appliance.serve.service import write_running_record
+
+    with running_server(spec, log, api_key=api_key, tick=tick) as server:
+        on_ready(server)
+        record = write_running_record(store, spec, server.pid, api_key)
+        try:
+            with _sigterm_as_interrupt():
+                return server.wait()
+        except KeyboardInterrupt:
+            server.stop()
+            return None
+        finally:
+            record.unlink(missing_ok=True)
