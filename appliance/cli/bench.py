@@ -45,9 +45,11 @@ def _progress(as_json: bool):
               help="run only these rows (repeat; default: every row that applies)")
 @click.option("--plain-loop", type=click.Path(path_type=Path, exists=True, dir_okay=False),
               help=f"the plain loop's script (default: ${PLAIN_LOOP_ENV}, else ../shared/bench/peer_qlora_loop.py)")
+@click.option("--rounds", type=click.IntRange(1, 20), default=1, show_default=True,
+              help="run every side this many times, interleaved, and report medians (a shared machine's speed drifts)")
 @click.option("--save", is_flag=True, help="write the result (and GPU measurements for the planner) into bench/results/")
 @json_option
-def bench_train(model, shape, data, seq_len, steps, batch_size, rank, sets, rows, plain_loop, save, as_json) -> None:
+def bench_train(model, shape, data, seq_len, steps, batch_size, rank, sets, rows, plain_loop, rounds, save, as_json) -> None:
     """Our training step against TRL's SFTTrainer and the plain loop, like for like.
 
     \b
@@ -99,6 +101,7 @@ def bench_train(model, shape, data, seq_len, steps, batch_size, rank, sets, rows
         sets=list(sets),
         plain_loop=plain_loop or find_plain_loop(),
         rows=tuple(rows),
+        rounds=rounds,
         progress=_progress(as_json),
     )
     payload = result.model_dump(mode="json")
@@ -120,7 +123,7 @@ def show_train(result, saved: str | None) -> None:
     s = result.settings
     ui.console.print(
         f"[bold]{s.model}[/] · {s.data} · seq ≤ {s.seq_len} × batch {s.batch_size} · r{s.rank} · {s.quantization} · "
-        f"lr {s.learning_rate:g} · {s.steps} steps (3 warm-up)",
+        f"lr {s.learning_rate:g} · {s.steps} steps (3 warm-up)" + (f" · median of {s.rounds} rounds" if s.rounds > 1 else ""),
         highlight=False,
     )
     for row in result.rows:
@@ -134,6 +137,8 @@ def show_train(result, saved: str | None) -> None:
         memory = "peak GPU allocated, GiB" if first.memory == "GPU allocated" else "peak process RSS, GiB"
         fmt = lambda v: "—" if v is None else f"{v:g}"  # noqa: E731
         table.add_row("useful tokens/s", *(fmt(row.results[x].useful_tok_per_s) for x in sides))
+        if s.rounds > 1:
+            table.add_row("  each round", *(" ".join(f"{v:g}" for v in row.results[x].round_tok_per_s) for x in sides))
         table.add_row("trained tokens/s", *(fmt(row.results[x].trained_tok_per_s) for x in sides))
         table.add_row("step time median, s", *(fmt(row.results[x].step_s_median) for x in sides))
         table.add_row(memory, *(fmt(row.results[x].peak_gib) for x in sides))

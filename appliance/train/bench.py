@@ -103,6 +103,7 @@ class SideResult(BaseModel):
     memory: Literal["process RSS", "GPU allocated"]
     losses: list[float] = Field(default_factory=list)
     planner_settings: dict | None = Field(None, description="ours: the planner's settings for this run, levers included")
+    round_tok_per_s: list[float] = Field(default_factory=list, description="useful tokens/s of each round (the figure above is their median)")
 
 
 class Ratio(BaseModel):
@@ -147,6 +148,7 @@ class BenchSettings(BaseModel):
     quantization: str = "NF4 + double quantization, bf16 compute"
     learning_rate: float = LEARNING_RATE
     appliance_overrides: list[str] = Field(default_factory=list, description="--set levers on our side only")
+    rounds: int = Field(1, description="times each side ran, interleaved; figures are medians")
     plain_loop: str | None = None
 
 
@@ -378,6 +380,24 @@ def _plain_result(raw: dict) -> SideResult:
     )
 
 
+def _combined(runs: list[SideResult]) -> SideResult:
+    """A side over its rounds: the median figures, the highest peak, each round's tokens/s."""
+    import statistics
+
+    median = lambda values: round(statistics.median(values), 3)  # noqa: E731
+    trained = [r.trained_tok_per_s for r in runs if r.trained_tok_per_s is not None]
+    return runs[0].model_copy(
+        update={
+            "useful_tok_per_s": median([r.useful_tok_per_s for r in runs]),
+            "trained_tok_per_s": median(trained) if trained else None,
+            "step_s_median": median([r.step_s_median for r in runs]),
+            "load_s": median([r.load_s for r in runs]),
+            "peak_gib": max(r.peak_gib for r in runs),
+            "round_tok_per_s": [r.useful_tok_per_s for r in runs],
+        }
+    )
+
+
 def _ratios(results: dict[str, SideResult]) -> list[Ratio]:
     ours = results.get("appliance")
     if ours is None:
@@ -406,9 +426,11 @@ def bench_train(
     sets: list[str] = (),
     plain_loop: Path | None = None,
     rows: tuple[str, ...] = (),
+    rounds: int = 1,
     progress: Callable[[str], None] = lambda _: None,
 ) -> TrainBench:
-    """Every row's sides, each in its own process; `rows` limits the rows (default: all that apply)."""
+    """Every row's sides, each in its own process, `rounds` times interleaved (median figures);
+    `rows` limits the rows (default: all that apply)."""
     settings = BenchSettings(
         model=label,
         data=str(data) if data else "random tokens",
@@ -418,6 +440,7 @@ def bench_train(
         rank=rank,
         appliance_overrides=list(sets),
         plain_loop=str(plain_loop) if plain_loop else None,
+        rounds=rounds,
     )
     # Random tokens have no answers to single out: only the every-token row applies.
     specs = [r for r in ROWS if (data is not None or r.objective == "all") and (not rows or r.key in rows)]
@@ -426,37 +449,40 @@ def bench_train(
         bench.notes.append("the plain loop was not found (../shared/bench/peer_qlora_loop.py, or --plain-loop PATH): not run")
     common = ["--model-dir", str(model_dir), "--seq-len", str(seq_len), "--steps", str(steps), "--batch-size", str(batch_size),
               "--rank", str(rank), "--seed", str(seed)] + (["--data", str(data)] if data else [])
-    done: dict[tuple, SideResult] = {}
+    # A side that two rows share (the plain loop has one setting) runs once a round.
+    commands: dict[tuple, tuple[list[str], str]] = {}
+    placed: list[tuple[RowSpec, dict[str, tuple]]] = []
     with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "side.json"
         for spec in specs:
-            results: dict[str, SideResult] = {}
+            keys: dict[str, tuple] = {}
             for side in spec.sides:
                 if side == "plain":
                     if plain_loop is None:
                         continue
                     key: tuple = ("plain",)
-                    if key not in done:
-                        progress(f"{spec.title}: the plain loop ({plain_loop})")
-                        out = Path(tmp) / "plain.json"
-                        cmd = [sys.executable, str(plain_loop), "--model", str(model_dir), "--seq-len", str(seq_len), "--steps", str(steps),
-                               "--batch-size", str(batch_size), "--rank", str(rank), "--modes", "qlora", "--seed", str(seed), "--out", str(out)]
-                        if data:
-                            cmd += ["--data", str(data)]
-                        done[key] = _plain_result(_run_json(cmd, "plain loop", out, timeout=7200))
+                    cmd = [sys.executable, str(plain_loop), "--model", str(model_dir), "--seq-len", str(seq_len), "--steps", str(steps),
+                           "--batch-size", str(batch_size), "--rank", str(rank), "--modes", "qlora", "--seed", str(seed), "--out", str(out)]
+                    cmd += ["--data", str(data)] if data else []
                 else:
                     checkpointing = "default" if spec.gradient_checkpointing is None else ("on" if spec.gradient_checkpointing else "off")
                     key = (side, spec.objective, checkpointing)
-                    if key not in done:
-                        progress(f"{spec.title}: {SIDE_NAMES[side]}")
-                        out = Path(tmp) / f"{side}-{spec.key}.json"
-                        cmd = [sys.executable, "-m", "appliance.train.bench", "--side", side, "--objective", spec.objective,
-                               "--checkpointing", checkpointing, *common, "--out", str(out)]
-                        if side == "appliance":
-                            for item in sets:
-                                cmd += ["--set", item]
-                        done[key] = SideResult.model_validate(_run_json(cmd, f"{SIDE_NAMES[side]} worker", out, timeout=7200))
-                results[side] = done[key]
-            bench.rows.append(RowResult(spec=spec, results=results, ratios=_ratios(results)))
+                    cmd = [sys.executable, "-m", "appliance.train.bench", "--side", side, "--objective", spec.objective,
+                           "--checkpointing", checkpointing, *common, "--out", str(out)]
+                    cmd += [arg for item in sets for arg in ("--set", item)] if side == "appliance" else []
+                commands.setdefault(key, (cmd, f"{spec.title}: {SIDE_NAMES[side]}"))
+                keys[side] = key
+            placed.append((spec, keys))
+        runs: dict[tuple, list[SideResult]] = {key: [] for key in commands}
+        # Rounds interleave the sides, so a slow spell of a shared machine falls on all of them alike.
+        for round_ in range(rounds):
+            for key, (cmd, what) in commands.items():
+                progress(what + (f" (round {round_ + 1} of {rounds})" if rounds > 1 else ""))
+                raw = _run_json(cmd, what.split(": ")[-1], out, timeout=7200)
+                runs[key].append(_plain_result(raw) if key == ("plain",) else SideResult.model_validate(raw))
+    for spec, keys in placed:
+        results = {side: _combined(runs[key]) for side, key in keys.items()}
+        bench.rows.append(RowResult(spec=spec, results=results, ratios=_ratios(results)))
     return bench
 
 
