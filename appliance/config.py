@@ -199,6 +199,10 @@ class RunConfig(Spec):
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
+    def with_changes(self, changes: dict[str, Any]) -> "RunConfig":
+        """This configuration with dotted-path changes applied, validated again (`--fit`'s advice)."""
+        return validate_config(deep_merge(self.model_dump(mode="json"), nest(changes, "change")))
+
 
 # -- loading and merging --------------------------------------------------
 
@@ -239,9 +243,24 @@ def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def nest(changes: dict[str, Any], what: str = "--set") -> dict[str, Any]:
+    """{"train.lr": 1e-4, "lora.rank": 8} → {"train": {"lr": 1e-4}, "lora": {"rank": 8}}: the one way a
+    dotted path (a --set, a flag, a planner change) becomes the nested shape the config merges."""
+    out: dict[str, Any] = {}
+    for path, value in changes.items():
+        node = out
+        parts = path.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ApplianceError(f"{what} {path!r} conflicts with another setting of {part!r}.", None)
+        node[parts[-1]] = value
+    return out
+
+
 def parse_set(items: list[str] | tuple[str, ...]) -> dict[str, Any]:
     """`--set train.lr=1e-4 --set lora.target_modules=[q_proj,v_proj]` → nested dict (values parsed as YAML)."""
-    out: dict[str, Any] = {}
+    changes: dict[str, Any] = {}
     for item in items:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
@@ -256,14 +275,8 @@ def parse_set(items: list[str] | tuple[str, ...]) -> dict[str, Any]:
                 value = float(value)
             except ValueError:
                 pass
-        node = out
-        parts = key.strip().split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ApplianceError(f"--set {item!r} conflicts with another --set of {part!r}.", None)
-        node[parts[-1]] = value
-    return out
+        changes[key.strip()] = value
+    return nest(changes)
 
 
 def _format_errors(err: ValidationError) -> list[str]:

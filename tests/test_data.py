@@ -124,7 +124,7 @@ def test_empty_after_filtering_is_refused(tmp_path):
 
 
 def test_overlong_examples_are_counted_and_dropped_or_truncated(tmp_path, smollm2_store):
-    from appliance.train.model import load_tokenizer
+    from appliance.hf import load_tokenizer
 
     tokenizer = load_tokenizer(smollm2_store / "models" / "smollm2")
     rows = [chat("short", "ok")] * 1 + [chat(f"long {i} " + "word " * 200, "fine") for i in range(3)] + [chat("q2", "a2")]
@@ -139,7 +139,7 @@ def test_overlong_examples_are_counted_and_dropped_or_truncated(tmp_path, smollm
 
 
 def test_chat_data_needs_a_chat_template(tmp_path, smollm2_store):
-    from appliance.train.model import load_tokenizer
+    from appliance.hf import load_tokenizer
 
     tokenizer = load_tokenizer(smollm2_store / "models" / "smollm2")
     tokenizer.chat_template = None

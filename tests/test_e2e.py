@@ -49,8 +49,9 @@ def _check(answers_base: list[str], answers_tuned: list[str]) -> None:
 
 @pytest.mark.slow
 def test_transformers_base_does_not_know_and_adapter_does(facts):
-    from appliance.evaluate import generate_answers, load_for_inference
-    from appliance.train.model import load_tokenizer
+    from appliance.evaluate import generate_answers
+    from appliance.hf import load_for_inference
+    from appliance.hf import load_tokenizer
 
     model_dir = facts.model_dir("smollm2")
     tokenizer = load_tokenizer(model_dir)

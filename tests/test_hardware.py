@@ -38,7 +38,7 @@ def test_the_loop_picks_the_device_dtype_and_refuses_a_gpu_torch_cannot_use():
     import torch
 
     from appliance.config import ModelSpec
-    from appliance.train.model import compute_dtype, resolve_device
+    from appliance.hf import compute_dtype, resolve_device
 
     spec = ModelSpec()
     assert compute_dtype(spec, "cuda", gpu(T4)) == torch.float16

@@ -10,8 +10,9 @@ import torch
 from appliance import plan
 from appliance.config import LoraSpec, ModelSpec, load_run_config
 from appliance.plan import TrainSettings, estimate, find_gpu, find_model, recommend
-from appliance.train.losses import causal_lm_loss_sum
-from appliance.train.model import attach_lora, load_base
+from appliance.metrics.lm import causal_lm_loss_sum
+from appliance.hf import load_base
+from appliance.train.model import attach_lora, prepare_for_training
 from conftest import DEMO
 
 TOKENS = (2, 96)  # rows × length: three tiles of 64 tokens, the last one short
@@ -22,7 +23,7 @@ def _model(tiny, dropout=0.0, dtype=torch.float32, shared_inputs=True, **spec):
     spec = ModelSpec(compute_dtype=dtype_name, **{"gradient_checkpointing": False, **spec})
     torch.manual_seed(0)  # the same LoRA A matrices in every model
     lora = LoraSpec(rank=4, dropout=dropout, shared_inputs=shared_inputs)
-    model = attach_lora(load_base(tiny.model_dir("tiny"), spec, "cpu", dtype), lora)
+    model = attach_lora(prepare_for_training(load_base(tiny.model_dir("tiny"), spec, "cpu", dtype), spec, "cpu"), lora)
     for name, param in model.named_parameters():
         if "lora_B" in name:  # a trained-looking adapter, so every gradient is non-zero
             torch.nn.init.normal_(param, std=0.05)

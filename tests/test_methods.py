@@ -32,10 +32,10 @@ def test_cpt_lowers_perplexity_on_held_out_domain_text(smollm2):
     train(smollm2, "cpt", "domain.txt", "tram", steps=10, batch_size=4, lr=5e-4, data={"seq_len": 128, "val": 4, "test": 8})
     report = evaluate_adapter(smollm2, "tram")
     print(f"\ncpt on {report.examples} held-out blocks: perplexity {report.before['perplexity']:.1f} → {report.after['perplexity']:.1f}; "
-          f"forgetting {report.forgetting['change_pct']:+.1f} %")
+          f"forgetting {report.forgetting.change_pct:+.1f} %")
     assert report.split == "test"
     assert report.after["perplexity"] < 0.5 * report.before["perplexity"]
-    assert abs(report.forgetting["change_pct"]) < 25
+    assert abs(report.forgetting.change_pct) < 25
 
 
 def test_dpo_raises_the_preference_margin_on_held_out_pairs(smollm2):

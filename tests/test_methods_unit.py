@@ -188,7 +188,7 @@ def test_a_classifier_reads_each_texts_eos_alone_or_padded_in_a_batch(variant, l
     """The head reads the eos the encoder ends every text with, whatever pads the shorter rows.
     (transformers reads the rightmost token that is not config.pad_token_id.)"""
     from appliance.config import ModelSpec
-    from appliance.train.model import load_base, load_tokenizer
+    from appliance.hf import load_base, load_tokenizer
     from appliance.train.objectives import objective_for
 
     folder = llama3_style_folder if variant == "llama3-style" else tiny_model_folder
@@ -216,7 +216,7 @@ def test_classifier_training_loss_does_not_depend_on_the_batch(tiny, llama3_styl
     batch equal those of its rows one at a time."""
     from appliance.models import import_model
     from appliance.train.loop import TrainingRun
-    from appliance.train.model import load_tokenizer
+    from appliance.hf import load_tokenizer
 
     import_model(str(llama3_style_folder), tiny, name="llama3-style")
     cfg = load_run_config(

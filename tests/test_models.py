@@ -29,7 +29,7 @@ def test_smollm2_gguf_becomes_a_normal_hf_folder(smollm2_store):
 
 def test_the_converted_model_knows_paris(smollm2_store):
     from appliance.evaluate import generate_answers
-    from appliance.train.model import load_tokenizer
+    from appliance.hf import load_tokenizer
 
     import torch
     from transformers import AutoModelForCausalLM

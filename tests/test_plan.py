@@ -42,7 +42,7 @@ def test_every_measurement_is_within_tolerance_of_the_estimate():
 
 
 def test_logits_budget_is_the_training_loss_budget():
-    from appliance.train import losses
+    from appliance.metrics import lm as losses
 
     assert plan.LOGITS_BUDGET_BYTES == losses.LOGITS_BUDGET_BYTES
     for vocab in (49152, 128256, 151936):

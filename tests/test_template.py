@@ -8,7 +8,7 @@ from appliance.data.template import IGNORE_INDEX, end_of_turn, tokenize_chat
 
 @pytest.fixture(scope="module")
 def tokenizer(smollm2_store):
-    from appliance.train.model import load_tokenizer
+    from appliance.hf import load_tokenizer
 
     return load_tokenizer(smollm2_store / "models" / "smollm2")
 

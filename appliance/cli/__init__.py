@@ -27,6 +27,10 @@ class ApplianceGroup(click.Group):
         except ApplianceError as err:
             ui.fail(err.message, err.fix, err.details)
             sys.exit(err.exit_code)
+        except click.UsageError as err:  # an option's value or a missing argument: the same panel, exit 2
+            where = err.ctx.command_path.replace(err.ctx.find_root().info_name or "", "appliance", 1) if err.ctx else "appliance"
+            ui.fail(err.format_message(), f"see `{where} --help`")
+            sys.exit(2)
         except TrainingInterrupted as stop:
             ui.warn(f"stopped; checkpoint saved at {stop.checkpoint}. Continue with the same command and --resume.")
             sys.exit(stop.exit_code)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from appliance.cli.common import json_option, print_json, registry
+from appliance.cli.common import json_option, overwrite_option, print_json, registry
 
 
 @click.group()
@@ -23,11 +23,16 @@ def _loaded(url, api_key) -> set[str] | None:
 
 
 @adapters.command("list")
-@click.option("--url", default=None, help="server whose loaded adapters to mark")
-@click.option("--api-key", default=None)
+@click.option("--url", default=None, help="server whose loaded adapters to mark (default: as `appliance ask` finds it)")
+@click.option("--api-key", default=None, help="API key (default: $APPLIANCE_API_KEY, the running server's, or the service's)")
 @json_option
 def list_(url, api_key, as_json) -> None:
-    """Adapters in the store; `loaded` marks those in the running server."""
+    """Adapters in the store; `loaded` marks those in the running server.
+
+    \b
+    Example:
+      appliance adapters list --json
+    """
     from rich.table import Table
 
     from appliance import ui
@@ -54,7 +59,12 @@ def list_(url, api_key, as_json) -> None:
 @click.argument("name")
 @json_option
 def show(name, as_json) -> None:
-    """Everything recorded about adapter NAME: base fingerprint, rank, data, metrics, config."""
+    """Everything recorded about adapter NAME: base fingerprint, rank, data, metrics, config.
+
+    \b
+    Example:
+      appliance adapters show facts
+    """
     from appliance import ui
 
     reg = registry()
@@ -78,14 +88,19 @@ def show(name, as_json) -> None:
 
 @adapters.command()
 @click.argument("name")
-@click.option("--yes", is_flag=True, help="do not ask")
-def rm(name, yes) -> None:
-    """Remove adapter NAME from the store."""
+@overwrite_option("do not ask first")
+def rm(name, overwrite) -> None:
+    """Remove adapter NAME from the store.
+
+    \b
+    Example:
+      appliance adapters rm facts --yes
+    """
     from appliance import ui
 
     reg = registry()
     reg.adapter(name)
-    if not yes and not click.confirm(f"Remove adapter {name}?"):
+    if not overwrite and not click.confirm(f"Remove adapter {name}?"):
         return
     path = reg.remove_adapter(name)
     ui.console.print(f"[green]removed[/] {path}")
@@ -96,7 +111,12 @@ def rm(name, yes) -> None:
 @click.option("--url", default=None, help="server URL (default: $APPLIANCE_URL, the service's, or http://127.0.0.1:8000)")
 @click.option("--api-key", default=None, help="API key (default: $APPLIANCE_API_KEY or the service's)")
 def load(name, url, api_key) -> None:
-    """Load adapter NAME into the running server, without a restart."""
+    """Load adapter NAME into the running server, without a restart.
+
+    \b
+    Example:
+      appliance adapters load recipes && appliance ask "How do I make Hilde's soup?" --adapter recipes
+    """
     from appliance import ui
     from appliance.serve.endpoint import find_endpoint
     from appliance.serve.adapters import load as load_adapter
@@ -110,10 +130,15 @@ def load(name, url, api_key) -> None:
 
 @adapters.command()
 @click.argument("name")
-@click.option("--url", default=None)
-@click.option("--api-key", default=None)
+@click.option("--url", default=None, help="server URL (default: $APPLIANCE_URL, the service's, a running `appliance serve`, or http://127.0.0.1:8000)")
+@click.option("--api-key", default=None, help="API key (default: $APPLIANCE_API_KEY, the running server's, or the service's)")
 def unload(name, url, api_key) -> None:
-    """Remove adapter NAME from the running server, without a restart."""
+    """Remove adapter NAME from the running server, without a restart.
+
+    \b
+    Example:
+      appliance adapters unload recipes
+    """
     from appliance import ui
     from appliance.serve.endpoint import find_endpoint
     from appliance.serve.adapters import unload as unload_adapter

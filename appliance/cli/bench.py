@@ -162,6 +162,47 @@ def show_train(result, saved: str | None) -> None:
         ui.console.print(f"saved: {saved}")
 
 
+@bench.command("merge")
+@click.argument("adapter")
+@click.option("--dtype", "dtypes", multiple=True, type=click.Choice(["float32", "bfloat16", "float16"]),
+              help="merged dtypes to compare (repeat; default: float32 and bfloat16)")
+@click.option("--save", is_flag=True, help="write the result into bench/results/ (the README's merge figures)")
+@json_option
+def bench_merge(adapter, dtypes, save, as_json) -> None:
+    """Merge ADAPTER into the dequantized NF4 weights and into the original 16-bit weights, in each
+    dtype, and compare each with the model you evaluated (4-bit base + adapter); nothing is kept.
+
+    \b
+    What decides `appliance merge`'s default weights. Example:
+      appliance bench merge facts --save
+    """
+    from rich.table import Table
+
+    from appliance import ui
+    from appliance.hardware import describe
+    from appliance.merge import compare_merges
+    from appliance.plan import save_result
+
+    rows = compare_merges(registry(), adapter, dtypes=tuple(dtypes) or ("float32", "bfloat16"), progress=_progress(as_json))
+    payload = {"adapter": adapter, "rows": rows}
+    if save:
+        payload["saved"] = str(save_result("merge", payload, describe()))
+    if as_json:
+        print_json(payload)
+        return
+    table = Table("weights", "dtype", "top-1 at clear positions", "top-1, all", "mean KL", "of the adapter's effect", "gate",
+                  title=f"merging {adapter}, against the evaluated 4-bit model")
+    for row in rows:
+        p = row["parity"]
+        e = p["evaluated"]
+        relative = max(e["mean_kl"], 0.0) / max(p["adapter_effect_kl"], 1e-12)
+        table.add_row(row["weights"], row["dtype"], f"{e['top1_agreement']:.2%}", f"{e['top1_agreement_all']:.2%}", f"{e['mean_kl']:.2e}",
+                      f"{relative:.2%}", "[green]pass[/]" if row["passed"] else "[red]fail[/]")
+    ui.console.print(table)
+    if payload.get("saved"):
+        ui.console.print(f"saved: {payload['saved']}")
+
+
 @bench.command("serve")
 @endpoint_options
 @click.option("--concurrency", type=click.IntRange(1, 256), default=4, show_default=True, help="requests in flight at once")

@@ -21,6 +21,11 @@ def print_json(obj: Any) -> None:
 json_option = click.option("--json", "as_json", is_flag=True, help="print JSON instead of tables")
 
 
+def overwrite_option(help: str):
+    """One flag for 'go ahead and replace / remove': --overwrite, with --force and --yes (-y) as its aliases."""
+    return click.option("--overwrite", "--force", "--yes", "-y", "overwrite", is_flag=True, help=help + " (aliases: --force, --yes, -y)")
+
+
 def held_memory_note(held_gib: float) -> str | None:
     """When other processes hold GPU memory a plan needs: how much, and the appliance's own server if it is one."""
     if held_gib < 0.25:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import click
 
@@ -14,12 +13,6 @@ from appliance.cli.train import data_options
 @click.group()
 def data() -> None:
     """Training data: check formats, lengths, duplicates and leakage."""
-
-
-def task_for_format(fmt: str) -> str:
-    from appliance.data.formats import TASK_FORMATS
-
-    return next((task for task, formats in TASK_FORMATS.items() if fmt in formats), "sft")
 
 
 @data.command("check")
@@ -40,20 +33,18 @@ def check(files, model_name, seed, recipe, as_json, **data_flags) -> None:
       appliance data check legal.jsonl:2 recipes.jsonl --mix temperature --replay general.jsonl:0.2
     """
     from appliance import ui
-    from appliance.cli.train import RECIPE_FOR_TASK, flag_overrides, parse_data_arg
+    from appliance.cli.train import flag_overrides, recipe_and_files
     from appliance.config import load_run_config
     from appliance.data.dataset import prepare
-    from appliance.data.load import load_file
 
-    if recipe is None:
-        recipe = RECIPE_FOR_TASK[task_for_format(load_file(Path(parse_data_arg(files[0])["path"])).format)]
+    recipe = recipe_and_files(files, recipe)
     flags = flag_overrides(data=files, **data_flags)
     if seed is not None:
         flags["data"]["seed"] = seed
     cfg = load_run_config(recipe, flags=flags)
     tokenizer = None
     if model_name:
-        from appliance.train.model import load_tokenizer, quiet_libraries
+        from appliance.hf import load_tokenizer, quiet_libraries
 
         quiet_libraries()
         reg = registry()

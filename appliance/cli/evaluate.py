@@ -34,7 +34,7 @@ def evaluate(name, data, against, limit, as_json) -> None:
         report = evaluate_adapter(reg, name, data=data, against=against, limit=limit, progress=spinner.update)
     save_evaluation(reg, report)
     if as_json:
-        print_json(report.as_dict())
+        print_json(report.model_dump(mode="json"))
         return
     table = Table("metric", f"before ({report.against})", f"after ({name})", title=f"{report.task} · {report.examples} {report.split} examples")
     for metric in dict.fromkeys([*report.before, *report.after]):
@@ -44,10 +44,10 @@ def evaluate(name, data, against, limit, as_json) -> None:
     if report.forgetting:
         f = report.forgetting
         ui.console.print(
-            f"forgetting check (general text): perplexity {f['base_ppl']:.2f} → {f['adapter_ppl']:.2f} ({f['change_pct']:+.1f} %)"
+            f"forgetting check (general text): perplexity {f.base_ppl:.2f} → {f.adapter_ppl:.2f} ({f.change_pct:+.1f} %)"
         )
     for sample in report.samples[:3]:
-        ui.console.print(f"[dim]{sample['prompt']}[/]\n  before: {sample['before']}\n  after:  {sample['after']}", highlight=False)
+        ui.console.print(f"[dim]{sample.prompt}[/]\n  before: {sample.before}\n  after:  {sample.after}", highlight=False)
 
 
 commands = [evaluate]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from appliance.cli.common import json_option, print_json, registry
+from appliance.cli.common import json_option, overwrite_option, print_json, registry
 from appliance.merge import DEFAULT_WEIGHTS
 
 
@@ -15,7 +15,7 @@ from appliance.merge import DEFAULT_WEIGHTS
               help="merge into the NF4 weights the adapter was trained against (dequantized), or the base's own 16-bit weights")
 @click.option("--dtype", type=click.Choice(["auto", "bfloat16", "float16", "float32"]), default="auto", show_default=True,
               help="what the merged weights are stored in (auto: bf16 on a GPU that computes it, fp16 on older GPUs, fp32 without a GPU)")
-@click.option("--overwrite", is_flag=True, help="replace a model of the same name")
+@overwrite_option("replace a model of the same name")
 @json_option
 def merge(adapter: str, name: str | None, weights: str, dtype: str, overwrite: bool, as_json: bool) -> None:
     """Merge ADAPTER into 16-bit weights and save a complete model, judged against the model you evaluated.

@@ -1,23 +1,24 @@
-"""`appliance models import|list|show`."""
+"""`appliance models import|list|show|rm`."""
 
 from __future__ import annotations
 
 import click
 
-from appliance.cli.common import json_option, print_json, registry
+from appliance.cli.common import json_option, overwrite_option, print_json, registry
 
 
 @click.group()
 def models() -> None:
-    """Base models in the store: import, list, show."""
+    """Models in the store (imported bases and merged models): import, list, show, remove."""
 
 
 @models.command("import")
 @click.argument("source")
 @click.option("--name", help="name in the store (default: derived from the source)")
-@click.option("--overwrite", is_flag=True, help="replace a model of the same name")
+@overwrite_option("replace a model of the same name")
 @click.option("--allow-remote-code", is_flag=True, help="accept a config.json that names custom code (auto_map)")
-def import_(source: str, name: str | None, overwrite: bool, allow_remote_code: bool) -> None:
+@json_option
+def import_(source: str, name: str | None, overwrite: bool, allow_remote_code: bool, as_json: bool) -> None:
     """Import SOURCE into the store as a safetensors HF folder.
 
     \b
@@ -26,6 +27,9 @@ def import_(source: str, name: str | None, overwrite: bool, allow_remote_code: b
       ./model.gguf                    a local GGUF file of a LLaMA-family model
       ./my-model/                     a local Hugging Face folder (config.json + safetensors)
       HuggingFaceTB/SmolLM2-360M      a Hugging Face id already in the local HF cache
+    Examples:
+      appliance models import smollm2
+      appliance models import ./Llama-3.2-1B-Instruct-Q8_0.gguf --name llama1b
     """
     from appliance import ui
     from appliance.models import import_model
@@ -37,6 +41,9 @@ def import_(source: str, name: str | None, overwrite: bool, allow_remote_code: b
         manifest = import_model(
             source, registry(), name=name, overwrite=overwrite, allow_remote_code=allow_remote_code, progress=spinner.update
         )
+    if as_json:
+        print_json(manifest.model_dump(mode="json"))
+        return
     ui.console.print(f"[green]imported[/] {manifest.name}  ({ui.human_count(manifest.parameters)} parameters, fingerprint {manifest.fingerprint})")
 
 
@@ -60,7 +67,13 @@ def _rows(m) -> dict[str, object]:
 @models.command("list")
 @json_option
 def list_(as_json: bool) -> None:
-    """Models in the store."""
+    """Models in the store.
+
+    \b
+    Examples:
+      appliance models list
+      appliance models list --json
+    """
     from rich.table import Table
 
     from appliance import ui
@@ -83,7 +96,12 @@ def list_(as_json: bool) -> None:
 @click.argument("name")
 @json_option
 def show(name: str, as_json: bool) -> None:
-    """Details of one model: parameters, dtype, context length, chat template, fingerprint."""
+    """Details of one model: parameters, dtype, context length, chat template, fingerprint.
+
+    \b
+    Example:
+      appliance models show smollm2 --json
+    """
     from appliance import ui
 
     reg = registry()
@@ -102,3 +120,22 @@ def show(name: str, as_json: bool) -> None:
                 f"at clear positions, mean KL {p.evaluated.mean_kl:.2e}"
             )
     ui.console.print(ui.key_value_table(rows))
+
+
+@models.command("rm")
+@click.argument("name")
+@overwrite_option("do not ask first")
+def rm(name: str, overwrite: bool) -> None:
+    """Remove model NAME from the store (a base that adapters were trained on is refused).
+
+    \b
+    Example:
+      appliance models rm smollm2-facts --yes
+    """
+    from appliance import ui
+
+    reg = registry()
+    reg.model(name)
+    if not overwrite and not click.confirm(f"Remove model {name}?"):
+        return
+    ui.console.print(f"[green]removed[/] {reg.remove_model(name)}")

@@ -21,6 +21,11 @@ def quickstart(steps: int, port: int, save: bool) -> None:
 
     The questions are paraphrases that appear nowhere in the training data, and the
     general-knowledge controls are not in it either: right answers show learning, not recall.
+
+    \b
+    Examples:
+      appliance quickstart              # what `make demo` runs
+      appliance quickstart --save       # and write its answers and timings into bench/results/
     """
     from rich.table import Table
 

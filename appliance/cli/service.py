@@ -6,7 +6,7 @@ import time
 
 import click
 
-from appliance.cli.common import json_option, print_json, registry
+from appliance.cli.common import json_option, overwrite_option, print_json, registry
 from appliance.cli.serve import serve_options, spec_from_options
 
 
@@ -20,10 +20,10 @@ def service() -> None:
 @serve_options
 @click.option("--system", is_flag=True, help="a system unit (needs root) instead of a user unit")
 @click.option("--run-as", default=None, help="with --system: the user the server runs as (default: $SUDO_USER)")
-@click.option("--force", is_flag=True, help="replace an installed service")
+@overwrite_option("replace an installed service")
 @click.option("--dry-run", is_flag=True, help="print the unit and env file (key redacted); touch nothing")
 @click.option("--no-wait", is_flag=True, help="return once started, without waiting for /health")
-def install(model, system, run_as, force, dry_run, no_wait, **options) -> None:
+def install(model, system, run_as, overwrite, dry_run, no_wait, **options) -> None:
     """Install MODEL (with --adapter A ...) as a service that starts at boot.
 
     LoRA stays enabled (rank limit from the adapters, at least 16) so that
@@ -44,6 +44,11 @@ def install(model, system, run_as, force, dry_run, no_wait, **options) -> None:
     spec = spec_from_options(model, **options)
     scope = "system" if system else "user"
     store = registry().store
+    if scope == "user" and spec.port < 1024:
+        from appliance.errors import ApplianceError
+
+        raise ApplianceError(f"Port {spec.port} is privileged: a user unit cannot bind it.", "use a port from 1024 up, or install a system unit (--system)")
+    check_port(spec.host, spec.port)  # a unit on a taken port would restart until its start limit, serving nothing
     if dry_run:
         key = new_api_key()
         rendered = render(spec, store, Paths.for_scope(scope), key, run_as)
@@ -54,8 +59,7 @@ def install(model, system, run_as, force, dry_run, no_wait, **options) -> None:
         ui.err_console.print("[dim]dry run: nothing was written[/]")
         return
     require_vllm(spec.python)
-    check_port(spec.host, spec.port)
-    record = install_service(spec, store, scope=scope, force=force, run_as=run_as)
+    record = install_service(spec, store, scope=scope, force=overwrite, run_as=run_as)
     ui.console.print(f"[green]installed[/] {record['unit']} (env {record['env_file']}, mode 0600)")
     if no_wait:
         return
@@ -75,7 +79,12 @@ def install(model, system, run_as, force, dry_run, no_wait, **options) -> None:
 @service.command()
 @json_option
 def status(as_json: bool) -> None:
-    """Unit state, PID, uptime, endpoint, served models and adapters, memory."""
+    """Unit state, PID, uptime, endpoint, served models and adapters, memory.
+
+    \b
+    Example:
+      appliance service status --json
+    """
     from appliance import ui
     from appliance.serve.endpoint import Endpoint, served_models
     from appliance.errors import ApplianceError
@@ -109,14 +118,19 @@ def status(as_json: bool) -> None:
 @click.option("-f", "--follow", is_flag=True, help="keep printing new lines")
 @click.option("-n", "--lines", default=100, show_default=True, help="how many lines")
 def logs(follow: bool, lines: int) -> None:
-    """The service's log, from the journal."""
+    """The service's log, from the journal.
+
+    \b
+    Example:
+      appliance service logs -f -n 50
+    """
     from appliance.serve.service import journal
 
     raise SystemExit(journal(registry().store, lines, follow))
 
 
 def _control(action: str):
-    @service.command(name=action, help=f"{action.capitalize()} the service.")
+    @service.command(name=action, help=f"{action.capitalize()} the service.\n\n\b\nExample:\n  appliance service {action}")
     def command() -> None:
         from appliance import ui
         from appliance.serve.service import control
@@ -133,7 +147,12 @@ for _action in ("start", "stop", "restart"):
 
 @service.command()
 def uninstall() -> None:
-    """Stop and remove the unit and its env file (models and adapters stay)."""
+    """Stop and remove the unit and its env file (models and adapters stay).
+
+    \b
+    Example:
+      appliance service uninstall
+    """
     from appliance import ui
     from appliance.serve.service import uninstall as uninstall_service
 
@@ -143,7 +162,12 @@ def uninstall() -> None:
 
 @service.command()
 def key() -> None:
-    """Print the service's API key (the only command that shows it whole)."""
+    """Print the service's API key (the only command that shows it whole).
+
+    \b
+    Example:
+      export APPLIANCE_API_KEY=$(appliance service key)
+    """
     from appliance.errors import ApplianceError
     from appliance.serve.service import installed_endpoint
 

@@ -6,10 +6,7 @@ from pathlib import Path
 
 import click
 
-from appliance.cli.common import held_memory_note, registry
-
-RECIPE_FOR_TASK = {"sft": "sft-qlora", "cpt": "cpt", "dpo": "dpo", "classify": "classify"}
-
+from appliance.cli.common import held_memory_note, json_option, overwrite_option, print_json, registry
 
 def parse_data_arg(text: str) -> dict:
     """FILE or FILE:WEIGHT (weights steer --mix proportional and temperature; concat and equal refuse them)."""
@@ -38,40 +35,50 @@ def parse_replay_arg(text: str) -> dict:
     return {"path": path, "fraction": value}
 
 
+# Each flag and the setting it is (config's dotted path).
+FLAG_SETTINGS = {
+    "model": "model.name",
+    "steps": "train.steps",
+    "epochs": "train.epochs",
+    "lr": "train.lr",
+    "rank": "lora.rank",
+    "seq_len": "data.seq_len",
+    "batch_size": "train.batch_size",
+    "grad_accum": "train.grad_accum",
+    "val": "data.val",
+    "seed": "train.seed",
+    "save_every": "train.save_every",
+    "eval_every": "train.eval_every",
+    "layers": "lora.layers",
+    "test": "data.test",
+    "mix": "data.mix.strategy",
+    "temperature": "data.mix.temperature",
+}
+
+
 def flag_overrides(**flags) -> dict:
     """Flags given on the command line, as a nested dict over the recipe (unset flags are absent)."""
-    where = {
-        "model": "model.name",
-        "steps": "train.steps",
-        "epochs": "train.epochs",
-        "lr": "train.lr",
-        "rank": "lora.rank",
-        "seq_len": "data.seq_len",
-        "batch_size": "train.batch_size",
-        "grad_accum": "train.grad_accum",
-        "val": "data.val",
-        "seed": "train.seed",
-        "save_every": "train.save_every",
-        "eval_every": "train.eval_every",
-        "layers": "lora.layers",
-        "test": "data.test",
-        "mix": "data.mix.strategy",
-        "temperature": "data.mix.temperature",
-    }
-    out: dict = {}
-    for key, value in flags.items():
-        if value is None or key not in where:
-            continue
-        *parents, field = where[key].split(".")
-        node = out
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[field] = value
+    from appliance.config import nest
+
+    changes = {FLAG_SETTINGS[k]: v for k, v in flags.items() if v is not None and k in FLAG_SETTINGS}
     if flags.get("data"):
-        out.setdefault("data", {})["files"] = [parse_data_arg(d) for d in flags["data"]]
+        changes["data.files"] = [parse_data_arg(d) for d in flags["data"]]
     if flags.get("replay"):
-        out.setdefault("data", {})["replay"] = parse_replay_arg(flags["replay"])
-    return out
+        changes["data.replay"] = parse_replay_arg(flags["replay"])
+    return nest(changes, "flag")
+
+
+def recipe_and_files(data: tuple[str, ...], recipe: str | None) -> str:
+    """Check the data files exist (before anything heavy is imported) and settle the recipe:
+    the one asked for, else the one the first file's format calls for."""
+    from appliance.data import recipe_for
+    from appliance.errors import ApplianceError
+
+    for text in data:
+        path = Path(parse_data_arg(text)["path"])
+        if not path.exists():
+            raise ApplianceError(f"--data {path} does not exist.", "check the path (FILE or FILE:WEIGHT)")
+    return recipe or recipe_for(Path(parse_data_arg(data[0])["path"]))
 
 
 def data_options(fn):
@@ -111,8 +118,9 @@ def data_options(fn):
 @click.option("--gpu", help='plan for this GPU profile ("RTX 3060", ...) instead of the one detected')
 @click.option("--fit", is_flag=True, help="when the plan does not fit the GPU, apply the cheapest change that does")
 @click.option("--resume", is_flag=True, help="continue from the newest checkpoint of this run")
-@click.option("--overwrite", is_flag=True, help="replace an adapter or run of the same name")
-def train(name, recipe, config_file, sets, gpu, fit, resume, overwrite, **flags) -> None:
+@overwrite_option("replace an adapter or run of the same name (the old adapter stays until the new one is complete)")
+@json_option
+def train(name, recipe, config_file, sets, gpu, fit, resume, overwrite, as_json, **flags) -> None:
     """Fine-tune a LoRA adapter on a 4-bit base (QLoRA) with a live dashboard.
 
     \b
@@ -123,32 +131,32 @@ def train(name, recipe, config_file, sets, gpu, fit, resume, overwrite, **flags)
     with the plan's advice, or with --fit changed as little as fits.
     Ctrl-C saves a checkpoint and exits 130; the same command with --resume continues.
     """
+    import contextlib
+
     from appliance import ui
-    from appliance.config import deep_merge, load_run_config
+    from appliance.config import load_run_config
     from appliance.store import check_name
-    from appliance.train.loop import run_training
 
+    # Names and files first: a typo fails at once, not after the seconds torch takes to import.
     check_name(name, "adapter name")
-    if recipe is None:
-        from appliance.cli.data import task_for_format
-        from appliance.data.load import load_file
+    registry().model(flags["model"])
+    recipe = recipe_and_files(flags["data"], recipe)
+    cfg = fit_to_gpu(load_run_config(recipe, config_file, sets, flag_overrides(**flags)), gpu, fit)
+    with ui.json_output() if as_json else contextlib.nullcontext():
+        from appliance.train import run_training
 
-        recipe = RECIPE_FOR_TASK[task_for_format(load_file(Path(parse_data_arg(flags["data"][0])["path"])).format)]
-    overrides = flag_overrides(**flags)
-    cfg = load_run_config(recipe, config_file, sets, overrides)
-    fitted = fit_to_gpu(cfg, gpu, fit)
-    if fitted is not None:
-        cfg = load_run_config(recipe, config_file, sets, deep_merge(overrides, fitted))
-    ui.console.print(f"[dim]recipe {cfg.recipe} · task {cfg.task} · resolved config saved in the run folder[/]")
-    with ui.Dashboard() as dashboard:
-        result = run_training(cfg, registry(), name, resume=resume, overwrite=overwrite, events=dashboard)
-    figures = "  ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in result.metrics.items())
-    ui.console.print(f"[green]adapter saved[/] {result.adapter} → {result.adapter_dir}\n  {figures}  ({ui.duration(result.elapsed_s)})")
-    ui.console.print(f"next: [bold]appliance merge {result.adapter}[/]  or  [bold]appliance serve {cfg.model.name} --adapter {result.adapter}[/]")
+        ui.console.print(f"[dim]recipe {cfg.recipe} · task {cfg.task} · resolved config saved in the run folder[/]")
+        with ui.Dashboard() as dashboard:
+            result = run_training(cfg, registry(), name, resume=resume, overwrite=overwrite, events=dashboard)
+        figures = "  ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in result.metrics.items())
+        ui.console.print(f"[green]adapter saved[/] {result.adapter} → {result.adapter_dir}\n  {figures}  ({ui.duration(result.elapsed_s)})")
+        ui.console.print(f"next: [bold]appliance merge {result.adapter}[/]  or  [bold]appliance serve {cfg.model.name} --adapter {result.adapter}[/]")
+    if as_json:
+        print_json(registry().adapter(result.adapter).model_dump(mode="json"))
 
 
-def fit_to_gpu(cfg, gpu: str | None, fit: bool) -> dict | None:
-    """Plan the run; refuse one that does not fit, or return the config changes --fit applies."""
+def fit_to_gpu(cfg, gpu: str | None, fit: bool):
+    """Plan the run; refuse one that does not fit, or with `fit` apply the cheapest change that does."""
     from appliance import ui
     from appliance.errors import ApplianceError
     from appliance.plan import plan_run
@@ -156,11 +164,11 @@ def fit_to_gpu(cfg, gpu: str | None, fit: bool) -> dict | None:
     result = plan_run(cfg, registry(), gpu, steps=cfg.train.steps or 1)
     if result is None:
         ui.console.print("[dim]plan: no GPU here, memory not planned (--gpu NAME plans for a card)[/]")
-        return None
+        return cfg
     e = result.estimate
     if e.fits:
         ui.console.print(f"[dim]plan: {e.total_gib:.1f} of {e.gpu_gib:g} GiB on the {e.gpu}[/]")
-        return None
+        return cfg
     advice = [f"  {r.description}: {r.total_gib:.1f} GiB{' (fits)' if r.fits else ''}" for r in result.recommendations]
     held = held_memory_note(e.held_gib)
     if held:
@@ -175,7 +183,7 @@ def fit_to_gpu(cfg, gpu: str | None, fit: bool) -> dict | None:
             details=advice,
         )
     ui.warn(f"--fit: {choice.description}; planned {choice.total_gib:.1f} of {e.gpu_gib:g} GiB on the {e.gpu}")
-    return choice.config_overrides()
+    return cfg.with_changes(choice.config_changes())
 
 
 commands = [train]

@@ -2,6 +2,6 @@
 
 from appliance.data.batches import Batch, MicroBatchPlan
 from appliance.data.dataset import PreparedData, prepare
-from appliance.data.load import load_file
+from appliance.data.load import load_file, recipe_for
 
-__all__ = ["Batch", "MicroBatchPlan", "PreparedData", "load_file", "prepare"]
+__all__ = ["Batch", "MicroBatchPlan", "PreparedData", "load_file", "prepare", "recipe_for"]

@@ -107,6 +107,14 @@ def collate_lm(items: Sequence[Any], pad_id: int, packing: bool) -> Batch:
     return Batch(tensors, useful, trained)
 
 
+def collate_pairs(items: Sequence[Any], pad_id: int, packing: bool) -> Batch:
+    """Preference pairs: each pair's chosen then rejected sequence (chosen at even segments,
+    rejected at odd); the batch's unit is the pair."""
+    batch = collate_lm([x for pair in items for x in (pair.chosen, pair.rejected)], pad_id, packing)
+    batch.trained_tokens = len(items)
+    return batch
+
+
 def collate_classification(items: Sequence[Any], pad_id: int) -> Batch:
     """Labelled texts, right-padded (the classifier reads the last real token)."""
     import torch

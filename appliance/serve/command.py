@@ -149,6 +149,7 @@ def build_spec(
         check_servable(adapter, model)
         adapters.append((adapter, registry.adapter_dir(name)))
     spec = ServeSpec(model=model, model_dir=registry.model_dir(model_name), adapters=adapters, **options)
+    check_spec(spec)
     if spec.device == "auto":
         spec.device = "cuda" if gpu_present() and vllm_torch_sees_gpu(spec.python) else "cpu"
     if spec.on_gpu:
@@ -164,6 +165,26 @@ def build_spec(
         spec.max_lora_rank = limit
         spec.max_loras = spec.max_loras or max(1, len(adapters))
     return spec
+
+
+def check_spec(spec: ServeSpec) -> None:
+    """What vLLM would refuse only after a minute of loading, or a unit that could never start:
+    refused now, each with its fix."""
+    import shutil
+
+    context = spec.model.context_length
+    if spec.max_model_len is not None and context and spec.max_model_len > context:
+        raise ApplianceError(
+            f"--max-model-len {spec.max_model_len} is longer than {spec.model.name}'s context ({context} tokens).",
+            f"use --max-model-len {context} or less",
+        )
+    if not (Path(spec.python).is_file() and os.access(spec.python, os.X_OK)) and shutil.which(spec.python) is None:
+        raise ApplianceError(f"--python {spec.python}: no such interpreter.", "point --python at the interpreter that has vLLM (e.g. .venv/bin/python)")
+    if spec.port < 1024 and os.geteuid() != 0:
+        raise ApplianceError(
+            f"Port {spec.port} is a privileged port: a server started by you (or a user unit) cannot bind it.",
+            "use a port from 1024 up, like the default --port 8000",
+        )
 
 
 def fit_to_gpu(spec: ServeSpec) -> None:

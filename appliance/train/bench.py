@@ -220,7 +220,7 @@ def run_appliance(
     from appliance.registry import Registry
     from appliance.store import Store
     from appliance.train.loop import TrainingRun
-    from appliance.train.model import load_tokenizer
+    from appliance.hf import load_tokenizer
 
     model: dict = {"name": model_dir.name, "compute_dtype": "bfloat16"}  # every side computes in bf16
     if gradient_checkpointing is not None:
@@ -553,7 +553,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", dest="sets", action="append", default=[], help="a run-config override (KEY=VALUE), our side only")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
-    from appliance.train.model import quiet_libraries
+    from appliance.hf import quiet_libraries
 
     quiet_libraries()
     checkpointing = {"on": True, "off": False, "default": None}[args.checkpointing]

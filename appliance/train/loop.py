@@ -38,16 +38,8 @@ from appliance.train.events import (
     StepDone,
     ignore,
 )
-from appliance.train.model import (
-    attach_lora,
-    checkpointing_for,
-    compute_dtype,
-    load_base,
-    load_tokenizer,
-    quiet_libraries,
-    resolve_device,
-    trainable_parameters,
-)
+from appliance.hf import compute_dtype, load_base, load_tokenizer, quiet_libraries, resolve_device
+from appliance.train.model import attach_lora, checkpointing_for, prepare_for_training, trainable_parameters
 from appliance.train.objectives import Objective, objective_for
 
 # Settings that may change between a run and its resume without changing its results.
@@ -241,7 +233,7 @@ class TrainingRun:
         if cfg.model.mlp_tile_tokens:
             self.emit(Note(f"MLPs computed {cfg.model.mlp_tile_tokens} tokens at a time"))
         spec = cfg.model.model_copy(update={"gradient_checkpointing": checkpointing})
-        model = load_base(self.model_dir, spec, self.device, self.dtype, task=cfg.task, labels=self.data.labels)
+        model = prepare_for_training(load_base(self.model_dir, spec, self.device, self.dtype, task=cfg.task, labels=self.data.labels), spec, self.device)
         return attach_lora(model, self.cfg.lora, task=self.cfg.task)
 
     # -- gradual unfreezing ------------------------------------------------------------

@@ -241,7 +241,7 @@ def _random_data(cfg, model_dir: Path, lengths: list[int]):
     from appliance.data.dataset import DataReport, PreparedData
     from appliance.data.encoders import Encoded
     from appliance.data.template import TokenizedExample
-    from appliance.train.model import load_tokenizer
+    from appliance.hf import load_tokenizer
 
     tokenizer = load_tokenizer(model_dir)
     vocab = min(len(tokenizer), json.loads((model_dir / "config.json").read_text())["vocab_size"])
@@ -356,7 +356,7 @@ def measure_step(model_dir: Path, case: StepCase, *, name: str | None = None,
     from appliance.registry import Registry
     from appliance.store import Store
     from appliance.train.loop import TrainingRun
-    from appliance.train.model import quiet_libraries
+    from appliance.hf import quiet_libraries
 
     name = name or model_dir.name
     lengths = case.lengths()
@@ -480,7 +480,7 @@ def _write_random_model(shape, folder: Path) -> None:
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     from appliance.models import embedded_gguf
-    from appliance.train.model import quiet_libraries
+    from appliance.hf import quiet_libraries
 
     quiet_libraries()
     config = LlamaConfig(

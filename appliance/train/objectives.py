@@ -7,8 +7,9 @@ from typing import Any, Sequence
 
 import torch
 
-from appliance.data.batches import Batch, collate_classification, collate_lm
-from appliance.train.losses import causal_lm_loss_sum, sequence_logprobs
+from appliance.data.batches import Batch, collate_classification, collate_lm, collate_pairs
+from appliance.metrics.scores import classification_metrics
+from appliance.metrics.lm import causal_lm_loss_sum, class_logits, class_probabilities, mean_token_loss, perplexity, sequence_logprobs
 
 
 class Objective:
@@ -32,15 +33,9 @@ class Objective:
         loss, _ = causal_lm_loss_sum(model, tensors)
         return loss, {}
 
-    @torch.no_grad()
     def evaluate(self, model: Any, batches: Sequence[Batch], device: str) -> dict[str, float]:
-        total, count = 0.0, 0
-        for batch in batches:
-            loss, n = causal_lm_loss_sum(model, _to(batch, device))
-            total += float(loss)
-            count += n
-        mean = total / max(count, 1)
-        return {"val_loss": mean, "val_ppl": float(torch.exp(torch.tensor(min(mean, 50.0))))}
+        mean = mean_token_loss(model, batches, device)
+        return {"val_loss": mean, "val_ppl": perplexity(mean)}
 
 
 def _to(batch: Batch, device: str) -> dict[str, torch.Tensor]:
@@ -58,10 +53,7 @@ class PreferenceObjective(Objective):
         self.beta = beta
 
     def collate(self, items: Sequence[Any]) -> Batch:
-        flat = [x for pair in items for x in (pair.chosen, pair.rejected)]  # chosen at even, rejected at odd
-        batch = collate_lm(flat, self.pad_id, self.packing)
-        batch.trained_tokens = len(items)  # the unit of the DPO loss is the pair
-        return batch
+        return collate_pairs(items, self.pad_id, self.packing)  # the unit of the DPO loss is the pair
 
     def _terms(self, model: Any, tensors: dict[str, torch.Tensor]):
         n = int(tensors["segments"].max()) + 1
@@ -95,22 +87,6 @@ class PreferenceObjective(Objective):
         }
 
 
-def class_logits(model: Any, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The head's logits at each row's last real token (the eos the encoder appends).
-
-    transformers reads the rightmost token that is not config.pad_token_id, so the padding is
-    written with the model's own pad id (load_base makes it differ from eos): the read is then
-    the same for a row alone and padded in any batch.
-    """
-    mask = tensors["attention_mask"]
-    pad = model.config.pad_token_id
-    ids = tensors["input_ids"].masked_fill(mask == 0, pad)
-    last = ids.gather(1, (mask.sum(1, keepdim=True) - 1).clamp_min(0))
-    if bool((last == pad).any()):
-        raise ValueError(f"a classification row ends with the pad id {pad}: the head would read the wrong token")
-    return model(input_ids=ids, attention_mask=mask).logits.float()
-
-
 class ClassificationObjective(Objective):
     """Cross-entropy over classes from a sequence-classification head (LoRA + trained head)."""
 
@@ -128,20 +104,8 @@ class ClassificationObjective(Objective):
         loss = torch.nn.functional.cross_entropy(logits, tensors["labels"], reduction="sum")
         return loss, {"accuracy": float((logits.argmax(-1) == tensors["labels"]).float().mean())}
 
-    @torch.no_grad()
-    def predict(self, model, batches, device) -> tuple[torch.Tensor, torch.Tensor]:
-        """(class probabilities, true labels) over `batches`."""
-        probs, labels = [], []
-        for batch in batches:
-            logits = class_logits(model, _to(batch, device))
-            probs.append(torch.softmax(logits, -1).cpu())
-            labels.append(batch.tensors["labels"])
-        return torch.cat(probs), torch.cat(labels)
-
     def evaluate(self, model, batches, device):
-        from appliance.evaluate import classification_metrics
-
-        probs, labels = self.predict(model, batches, device)
+        probs, labels = class_probabilities(model, batches, device)
         loss = float(torch.nn.functional.nll_loss(torch.log(probs.clamp_min(1e-12)), labels))
         return {"val_loss": loss, **{f"val_{k}": v for k, v in classification_metrics(probs, labels).items()}}
 

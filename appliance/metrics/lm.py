@@ -1,4 +1,6 @@
-"""Losses that never hold the full logits.
+"""Language-model scores that never hold the full logits: the summed cross-entropy over labelled
+tokens (the training loss, and perplexity), sequence log-probabilities (DPO, preference scores),
+and a classifier's logits at the token it reads.
 
 The language-model head is the widest matrix in a small model (SmolLM2:
 576 × 49,152, a fifth of its forward FLOPs) and its logits are the largest
@@ -10,6 +12,8 @@ kept for backward but one hidden-sized gradient.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 
@@ -126,3 +130,64 @@ def sequence_logprobs(model, tensors: dict[str, torch.Tensor], n_items: int) -> 
     ]
     token_logprobs = torch.cat(parts) if parts else selected.new_zeros(0, dtype=torch.float32)
     return torch.zeros(n_items, dtype=torch.float32, device=hidden.device).index_add(0, segment, token_logprobs)
+
+
+def class_logits(model: Any, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The head's logits at each row's last real token (the eos the encoder appends).
+
+    transformers reads the rightmost token that is not config.pad_token_id, so the padding is
+    written with the model's own pad id (appliance.hf.load_base makes it differ from eos): the read is then
+    the same for a row alone and padded in any batch.
+    """
+    mask = tensors["attention_mask"]
+    pad = model.config.pad_token_id
+    ids = tensors["input_ids"].masked_fill(mask == 0, pad)
+    last = ids.gather(1, (mask.sum(1, keepdim=True) - 1).clamp_min(0))
+    if bool((last == pad).any()):
+        raise ValueError(f"a classification row ends with the pad id {pad}: the head would read the wrong token")
+    return model(input_ids=ids, attention_mask=mask).logits.float()
+
+
+def perplexity(mean_loss: float) -> float:
+    """exp of the mean token loss, capped so that a diverged run prints a number."""
+    import math
+
+    return math.exp(min(mean_loss, 50.0))
+
+
+
+def _on(batch: Any, device: str) -> dict[str, torch.Tensor]:
+    return {k: v.to(device) for k, v in batch.tensors.items()}
+
+
+@torch.no_grad()
+def mean_token_loss(model: Any, batches: Any, device: str) -> float:
+    """The mean cross-entropy over every labelled token of `batches` (collate_lm batches)."""
+    total, count = 0.0, 0
+    for batch in batches:
+        loss, n = causal_lm_loss_sum(model, _on(batch, device))
+        total += float(loss)
+        count += n
+    return total / max(count, 1)
+
+
+@torch.no_grad()
+def preference_margins(model: Any, batches: Any, device: str) -> torch.Tensor:
+    """log π(chosen) − log π(rejected) per pair (collate_pairs batches): the policy's own
+    log-probabilities, so any model scores, adapter or not."""
+    margins = []
+    for batch in batches:
+        tensors = _on(batch, device)
+        logp = sequence_logprobs(model, tensors, int(tensors["segments"].max()) + 1)
+        margins.append((logp[0::2] - logp[1::2]).float().cpu())
+    return torch.cat(margins)
+
+
+@torch.no_grad()
+def class_probabilities(model: Any, batches: Any, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(class probabilities, true labels) over collate_classification batches."""
+    probs, labels = [], []
+    for batch in batches:
+        probs.append(torch.softmax(class_logits(model, _on(batch, device)), -1).cpu())
+        labels.append(batch.tensors["labels"])
+    return torch.cat(probs), torch.cat(labels)

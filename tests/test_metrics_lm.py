@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 
-import appliance.train.losses as losses
-from appliance.train.losses import linear_cross_entropy_sum
+import appliance.metrics.lm as losses
+from appliance.metrics.lm import linear_cross_entropy_sum
 
 VOCAB, WIDTH = 50, 16
 # (budget in bytes, rows per chunk it gives, rows): above the 64-row floor, and at it.
