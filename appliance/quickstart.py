@@ -66,7 +66,7 @@ class QuickstartResult:
     def save(self) -> Path:
         """bench/results/quickstart-<cpu|gpu>-<time>.json: answers, scores, timings, with the machine."""
         from appliance.hardware import describe
-        from appliance.plan import save_result
+        from appliance.results import save_result
 
         payload = {
             "questions": [q.__dict__ for q in self.questions],

@@ -12,8 +12,9 @@ import json
 
 import pytest
 
-from appliance.plan import load_measurements, save_result
-from appliance.train.bench import TrainBench, find_plain_loop, measurements
+from appliance.plan import load_measurements
+from appliance.results import save_result
+from appliance.bench.train import TrainBench, find_plain_loop, measurements
 from conftest import DEMO, run_cli
 
 
@@ -107,7 +108,7 @@ def test_the_worker_on_random_tokens_reports_the_settings_it_ran_with(tiny, tmp_
     sets = ["--set", "model.mlp_tile_tokens=64", "--set", "model.offload_activations=true"]
     args = ["--side", "appliance", "--objective", "all", "--checkpointing", "on", "--model-dir", str(tiny.model_dir("tiny")),
             "--seq-len", "256", "--steps", "4", "--batch-size", "1", "--out", str(out), *sets]
-    proc = run_cli(*args, module="appliance.train.bench", timeout=600)
+    proc = run_cli(*args, module="appliance.bench.sides", timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(out.read_text())
     assert result["useful_tok_per_s"] > 0 and len(result["losses"]) == 4
@@ -119,7 +120,7 @@ def test_the_worker_on_random_tokens_reports_the_settings_it_ran_with(tiny, tmp_
 
 def test_a_shape_folder_is_built_without_a_gpu_shard_by_shard(tmp_path, monkeypatch):
     """`--shape` weights come from the CPU, one shard at a time, and load as the real shape."""
-    import appliance.train.bench as bench
+    import appliance.bench.shapes as bench
     from transformers import AutoConfig
 
     monkeypatch.setattr(bench, "SHARD_BYTES", 64 * 2**20)

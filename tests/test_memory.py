@@ -1,4 +1,4 @@
-"""The live-memory measurement of our training step (appliance.train.memory) and the planner against it.
+"""The live-memory measurement of our training step (appliance.bench.memory) and the planner against it.
 
 The saved measurements (bench/results/memory-*.json, written by `appliance bench memory --save`)
 are re-planned with today's planner: every part of every moment within 15 %. The counter itself
@@ -13,8 +13,10 @@ import json
 import pytest
 import torch
 
-from appliance.plan import REPO_RESULTS, TrainSettings, find_model, lora_parameters
-from appliance.train.memory import LiveStorages, StepCase, compare, measure_step, misses
+from appliance.plan import TrainSettings, find_model, lora_parameters
+from appliance.results import REPO_RESULTS
+from appliance.bench.memory import StepCase, compare, measure_step, misses
+from appliance.bench.storages import LiveStorages
 
 SAVED = sorted(REPO_RESULTS.glob("memory-*.json"))
 

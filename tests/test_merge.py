@@ -35,8 +35,9 @@ def test_merge_writes_a_complete_model_that_reproduces_the_evaluated_model(train
     assert parity.weights == "dequantized" and parity.dtype == "float32" and parity.compute_dtype == "float32"
     assert parity.validation_examples == 2 and parity.evaluated.positions > 100
     # The dequantized NF4 weights + B·A are the 4-bit model's own arithmetic: equal but for the order
-    # of fp32 sums (the random tiny model has no clear positions: every position is compared).
-    assert parity.evaluated.top1_agreement_all == 1.0 and abs(parity.evaluated.mean_kl) < 1e-6
+    # of fp32 sums. The random tiny model's distributions are flat (no clear positions), so a near-tie
+    # may flip at one position in a hundred; the KL shows the two models are the same.
+    assert parity.evaluated.top1_agreement_all >= 0.99 and abs(parity.evaluated.mean_kl) < 1e-6
     assert parity.evaluated.max_abs_logit_diff < 1e-2 and parity.saved_max_rel_diff < 1e-6
     assert manifest.kind == "merged" and manifest.adapter == "a" and manifest.base == "tiny"
     assert manifest.base_fingerprint == trained.model("tiny").fingerprint

@@ -14,6 +14,7 @@ from appliance.data.mix import MixturePlan, mixture_probabilities
 from appliance.errors import ApplianceError
 from appliance.train.events import PhaseChanged
 from appliance.train.loop import TrainingRun, run_training
+from appliance.train.optim import unfrozen_groups
 from conftest import DEMO, REPO, chat, write_jsonl
 
 
@@ -45,7 +46,7 @@ def test_gradual_unfreezing_follows_its_schedule(tiny):
     run.setup()
     lower = {n: p for n, p in run.adapter_params.items() if ".layers.0." in n}
     upper = {n: p for n, p in run.adapter_params.items() if ".layers.1." in n}
-    assert [run.unfrozen_groups(s) for s in range(6)] == [1, 1, 2, 2, 2, 2]
+    assert [unfrozen_groups(s, run.cfg.train.unfreeze, run.plan.per_epoch) for s in range(6)] == [1, 1, 2, 2, 2, 2]
     # Discriminative learning rates: the lower group learns at half the rate.
     assert sorted(g["initial_lr"] for g in run.optimizer.param_groups) == [5e-4, 1e-3]
 
@@ -131,7 +132,7 @@ def test_the_test_split_is_held_out_from_training_and_validation(tmp_path):
 
 
 def test_schedules(tiny):
-    from appliance.train.loop import schedule_factor
+    from appliance.train.optim import schedule_factor
 
     for kind in ("constant", "linear", "cosine"):
         factors = [schedule_factor(s, 20, 4, kind) for s in range(20)]
@@ -178,8 +179,10 @@ def _reviews(tokenizer, n=5):
 
 
 def _alone_and_together(objective, model, items):
-    alone = torch.cat([objective.predict(model, [objective.collate([x])], "cpu")[0] for x in items])
-    together, _ = objective.predict(model, [objective.collate(items)], "cpu")
+    from appliance.metrics.lm import class_probabilities
+
+    alone = torch.cat([class_probabilities(model, [objective.collate([x])], "cpu")[0] for x in items])
+    together, _ = class_probabilities(model, [objective.collate(items)], "cpu")
     return alone, together
 
 

@@ -8,6 +8,7 @@ import math
 import pytest
 
 from appliance import plan
+from appliance.config import profiles_dir
 from appliance.plan import (
     SEQ_STEP,
     TrainSettings,
@@ -56,7 +57,7 @@ def test_gpu_profiles_exist_with_sources(name):
     assert gpu.bf16_tflops and gpu.bandwidth_gbps
     # The driver reports less than the box says: a little less, never more.
     assert gpu.usable_gib is not None and 0.95 * gpu.vram_gib < gpu.usable_gib < gpu.vram_gib
-    source = next(p for p in (plan.profiles_dir() / "gpus").glob("*.yaml") if f"name: {gpu.name}\n" in p.read_text())
+    source = next(p for p in (profiles_dir() / "gpus").glob("*.yaml") if f"name: {gpu.name}\n" in p.read_text())
     for field in ("vram_gib", "usable_gib", "bf16", "bf16_tflops", "bandwidth_gbps"):
         line = next(line for line in source.read_text().splitlines() if line.startswith(field + ":"))
         assert "#" in line, f"{source}: {field} names no source"

@@ -5,14 +5,14 @@ import signal
 import subprocess
 import sys
 import time
-import os
 
 import pytest
 
 from appliance.config import load_run_config
 from appliance.errors import ApplianceError
-from appliance.train.loop import run_training, schedule_factor
-from conftest import DEMO, REPO, SmallFilesystem, chat, run_cli, write_jsonl
+from appliance.train.loop import run_training
+from appliance.train.optim import schedule_factor
+from conftest import DEMO, REPO, SmallFilesystem
 
 
 def tiny_config(data, **train):
@@ -170,3 +170,26 @@ def test_not_enough_disk_for_a_checkpoint_is_refused_before_writing(tiny, applia
         assert kept, "earlier checkpoints survive"
         assert all(verify(p) is None for p in kept)
         assert not list(fs.path(runs / "big" / "checkpoints").glob(".tmp-*"))
+
+
+def test_a_run_started_with_overwrite_resumes_with_it_and_keeps_the_old_adapter_until_done(tiny, appliance_home):
+    """`--name X --overwrite` over an existing adapter, stopped; `--name X --resume` carries the
+    overwrite on, and the old adapter stays whole until the new one is complete."""
+    first = subprocess.run(_train_cli("--name", "x", "--steps", "4"), cwd=REPO, capture_output=True, text=True)
+    assert first.returncode == 0, first.stdout + first.stderr
+    old = (appliance_home / "adapters" / "x" / "adapter_model.safetensors").read_bytes()
+    code, out = _stop_after(_train_cli("--name", "x", "--overwrite"), 6, signal.SIGTERM, appliance_home / "runs" / "x")
+    assert code == 143, out
+    assert (appliance_home / "adapters" / "x" / "adapter_model.safetensors").read_bytes() == old
+    resumed = subprocess.run(_train_cli("--name", "x", "--resume"), cwd=REPO, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert (appliance_home / "adapters" / "x" / "adapter_model.safetensors").read_bytes() != old
+    assert tiny.adapter("x").metrics["steps"] == 60
+    # A run started without --overwrite does not replace someone's adapter on resume.
+    code, _ = _stop_after(_train_cli("--name", "fresh"), 3, signal.SIGTERM, appliance_home / "runs" / "fresh")
+    assert code == 143
+    import shutil
+
+    shutil.copytree(appliance_home / "adapters" / "x", appliance_home / "adapters" / "fresh")
+    refused = subprocess.run(_train_cli("--name", "fresh", "--resume"), cwd=REPO, capture_output=True, text=True)
+    assert refused.returncode == 2 and "already exists" in refused.stderr

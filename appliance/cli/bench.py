@@ -8,7 +8,7 @@ import click
 
 from appliance.cli.client import endpoint_options
 from appliance.cli.common import json_option, print_json, registry
-from appliance.train.bench import PLAIN_LOOP_ENV, ROWS
+from appliance.bench.train import PLAIN_LOOP_ENV, ROWS
 
 SHAPES = ["llama-3.2-1b", "llama-3.1-8b"]
 
@@ -67,9 +67,10 @@ def bench_train(model, shape, data, seq_len, steps, batch_size, rank, sets, rows
     """
     from appliance.errors import ApplianceError
     from appliance.hardware import describe
-    from appliance.plan import save_result
-    from appliance.train.bench import bench_train as run_bench
-    from appliance.train.bench import demo_data, find_plain_loop, measurements, require_trl, shape_folder
+    from appliance.results import save_result
+    from appliance.bench.shapes import shape_folder
+    from appliance.bench.train import bench_train as run_bench
+    from appliance.bench.train import demo_data, find_plain_loop, measurements, require_trl
 
     if model and shape:
         raise ApplianceError("--model and --shape each choose the model.", "pass one of them")
@@ -118,7 +119,7 @@ def show_train(result, saved: str | None) -> None:
     from rich.table import Table
 
     from appliance import ui
-    from appliance.train.bench import SIDE_NAMES
+    from appliance.bench.train import SIDE_NAMES
 
     s = result.settings
     ui.console.print(
@@ -181,7 +182,7 @@ def bench_merge(adapter, dtypes, save, as_json) -> None:
     from appliance import ui
     from appliance.hardware import describe
     from appliance.merge import compare_merges
-    from appliance.plan import save_result
+    from appliance.results import save_result
 
     rows = compare_merges(registry(), adapter, dtypes=tuple(dtypes) or ("float32", "bfloat16"), progress=_progress(as_json))
     payload = {"adapter": adapter, "rows": rows}
@@ -225,7 +226,7 @@ def bench_serve(model, adapter, url, api_key, concurrency, requests, max_tokens,
     from appliance.client import bench_serve as run_bench
     from appliance.serve.endpoint import find_endpoint
     from appliance.hardware import describe
-    from appliance.plan import save_result
+    from appliance.results import save_result
 
     result = run_bench(
         find_endpoint(url, api_key),
@@ -300,8 +301,8 @@ def bench_memory(shape, model, seq_len, rows, packed, rank, sets, save, as_json)
     """
     from appliance.errors import ApplianceError
     from appliance.hardware import describe
-    from appliance.plan import save_result
-    from appliance.train.memory import StepCase, measurements, run_memory_bench
+    from appliance.results import save_result
+    from appliance.bench.memory import StepCase, measurements, run_memory_bench
 
     if bool(shape) == bool(model):
         raise ApplianceError("Name what to measure: --shape or --model.", "pass one of them, e.g. --shape llama-3.2-1b")

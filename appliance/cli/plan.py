@@ -60,7 +60,7 @@ def show(result) -> None:
     from appliance import ui
 
     e, s = result.estimate, result.estimate.settings
-    precision = "QLoRA, 4-bit NF4" if s.load_in_4bit else "LoRA, 16-bit weights"
+    precision = f"QLoRA, 4-bit {s.quant_type.upper()}" if s.load_in_4bit else "LoRA, 16-bit weights"
     title = (
         f"{e.model} on {e.gpu} ({e.gpu_gib:g} GiB usable of {e.nominal_gib:g}) · {precision} · seq {s.seq_len} × batch {s.batch_size} · "
         f"r{s.rank} · checkpointing {'on' if s.gradient_checkpointing else 'off'} · {e.loop} loop"

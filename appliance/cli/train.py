@@ -139,9 +139,9 @@ def train(name, recipe, config_file, sets, gpu, fit, resume, overwrite, as_json,
 
     # Names and files first: a typo fails at once, not after the seconds torch takes to import.
     check_name(name, "adapter name")
-    registry().model(flags["model"])
-    recipe = recipe_and_files(flags["data"], recipe)
-    cfg = fit_to_gpu(load_run_config(recipe, config_file, sets, flag_overrides(**flags)), gpu, fit)
+    cfg = load_run_config(recipe_and_files(flags["data"], recipe), config_file, sets, flag_overrides(**flags))
+    registry().model(cfg.model.name or "")
+    cfg = fit_to_gpu(cfg, gpu, fit)
     with ui.json_output() if as_json else contextlib.nullcontext():
         from appliance.train import run_training
 

@@ -9,7 +9,6 @@ clients find the endpoint and key without flags.
 
 from __future__ import annotations
 
-import json
 import os
 import pwd
 import secrets

@@ -1,18 +1,14 @@
 """One training loop for every recipe: setup → train → save.
 
-The run keeps all its state on one object. Everything a resume needs (adapter
-weights, optimizer state, step, data position, RNG states) is in a checkpoint,
-so a run stopped at step k and resumed takes exactly the steps an
-uninterrupted run takes. SIGINT and SIGTERM finish the current step, save a
-checkpoint and exit 130 / 143; a second Ctrl-C exits at once (checkpoints are
-renamed into place whole, so the last good one survives).
+The run keeps all its state on one object. Everything a resume needs (adapter weights,
+optimizer state, step, data position, RNG states) is in a checkpoint, so a run stopped at step
+k and resumed takes exactly the steps an uninterrupted run takes (signals: train/signals.py).
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
 import signal
 import time
 from dataclasses import dataclass, field
@@ -25,25 +21,16 @@ from appliance.data.dataset import PreparedData, data_records, examples_per_epoc
 from appliance.data.mix import MixturePlan
 from appliance.errors import ApplianceError, TrainingInterrupted
 from appliance.hardware import detect
-from appliance.registry import AdapterManifest, Registry
-from appliance.store import MANIFEST, atomic_dir, atomic_write, disk_full_error, ensure_free_space, is_disk_full, read_json
-from appliance.train import checkpoint as ckpt
-from appliance.train.events import (
-    CheckpointSaved,
-    EvalDone,
-    EventSink,
-    Note,
-    PhaseChanged,
-    RunStarted,
-    StepDone,
-    ignore,
-)
 from appliance.hf import compute_dtype, load_base, load_tokenizer, quiet_libraries, resolve_device
+from appliance.registry import AdapterManifest, Registry
+from appliance.store import MANIFEST, atomic_dir, ensure_free_space, read_json
+from appliance.train import checkpoint as ckpt
+from appliance.train.events import CheckpointSaved, EvalDone, EventSink, Note, PhaseChanged, RunStarted, StepDone, ignore
+from appliance.train.folder import RunFolder
 from appliance.train.model import attach_lora, checkpointing_for, prepare_for_training, trainable_parameters
 from appliance.train.objectives import Objective, objective_for
-
-# Settings that may change between a run and its resume without changing its results.
-RESUME_MAY_CHANGE = {("train", "save_every"), ("train", "eval_every"), ("train", "keep_checkpoints"), ("train", "device")}
+from appliance.train.optim import build_optimizer, layer_groups, schedule_factor, unfrozen_groups
+from appliance.train.signals import StopSignals
 
 
 @dataclass
@@ -56,52 +43,6 @@ class TrainResult:
     elapsed_s: float
     stopped_early: bool = False
     history: list[dict[str, Any]] = field(default_factory=list)
-
-
-def schedule_factor(step: int, total: int, warmup: int, kind: str) -> float:
-    """Learning-rate multiplier for optimizer step `step` (0-based): linear warm-up, then the decay."""
-    if step < warmup:
-        return (step + 1) / (warmup + 1)
-    if kind == "constant":
-        return 1.0
-    progress = (step - warmup) / max(1, total - warmup)
-    if kind == "linear":
-        return max(0.0, 1.0 - progress)
-    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-
-def config_differences(a: dict[str, Any], b: dict[str, Any], prefix: tuple = ()) -> list[tuple]:
-    out = []
-    for key in sorted(set(a) | set(b)):
-        path = prefix + (key,)
-        va, vb = a.get(key), b.get(key)
-        if isinstance(va, dict) and isinstance(vb, dict):
-            out += config_differences(va, vb, path)
-        elif va != vb and path not in RESUME_MAY_CHANGE:
-            out.append(path)
-    return out
-
-
-class _Signals:
-    """First SIGINT/SIGTERM: stop after this step and save. Second SIGINT: leave now."""
-
-    def __init__(self):
-        self.received: int | None = None
-        self._previous: dict[int, Any] = {}
-
-    def __enter__(self):
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-    def _handle(self, signum, frame):
-        if self.received is not None and signum == signal.SIGINT:
-            os._exit(130)
-        self.received = signum
 
 
 class TrainingRun:
@@ -123,8 +64,9 @@ class TrainingRun:
         self.resume = resume
         self.overwrite = overwrite
         self.emit = events
-        self.run_dir = registry.run_dir(adapter_name)
-        self.checkpoint_root = self.run_dir / "checkpoints"
+        self.folder = RunFolder(registry.run_dir(adapter_name))
+        self.run_dir = self.folder.path
+        self.checkpoint_root = self.folder.checkpoints
         self.adapter_dir = registry.adapter_dir(adapter_name)
         self.state = ckpt.TrainState()
         self.history: list[dict[str, Any]] = []
@@ -132,6 +74,8 @@ class TrainingRun:
     # -- setup ---------------------------------------------------------------------
 
     def check_names(self) -> None:
+        if (self.adapter_dir / MANIFEST).is_file() and not self.overwrite and self.resume and self.folder.started_with_overwrite():
+            self.overwrite = True  # the run was started to replace this adapter: its resume does too
         if (self.adapter_dir / MANIFEST).is_file() and not self.overwrite:
             raise ApplianceError(
                 f"An adapter named {self.adapter_name!r} already exists.",
@@ -166,14 +110,7 @@ class TrainingRun:
         return self.registry.model_dir(self.model_manifest.name)
 
     def prepare_run_dir(self) -> None:
-        if self.resume:
-            self._check_resume_config()
-        elif self.overwrite and self.run_dir.exists():
-            import shutil
-
-            shutil.rmtree(self.run_dir)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write(self.run_dir / "config.yaml", self.cfg.to_yaml())
+        self.folder.start(self.cfg, resume=self.resume, overwrite=self.overwrite)
 
     def load_data(self, model_dir: Path) -> tuple[PreparedData, int]:
         """The run's data, tokenized by the base's tokenizer, and the id batches are padded with."""
@@ -212,9 +149,9 @@ class TrainingRun:
         else:
             self.plan = MicroBatchPlan(len(self.data.train), cfg.train.batch_size, cfg.train.seed)
         self.total_steps = self._total_steps()
-        self.layer_groups = self._layer_groups()
+        self.layer_groups = layer_groups(self.adapter_params, cfg.train.unfreeze)
         self.warmup_steps = int(cfg.train.warmup) if cfg.train.warmup >= 1 else int(round(cfg.train.warmup * self.total_steps))
-        self.optimizer, self.optimizer_name = self._build_optimizer()
+        self.optimizer, self.optimizer_name = build_optimizer(self.adapter_params, self.layer_groups, cfg.train, self.device)
         self.state.extra["optimizer"] = self.optimizer_name
         # fp16 (GPUs before Ampere) underflows: the gradients reaching the lower LoRA layers are
         # below fp16's smallest normal unless the loss is scaled up first.
@@ -236,43 +173,11 @@ class TrainingRun:
         model = prepare_for_training(load_base(self.model_dir, spec, self.device, self.dtype, task=cfg.task, labels=self.data.labels), spec, self.device)
         return attach_lora(model, self.cfg.lora, task=self.cfg.task)
 
-    # -- gradual unfreezing ------------------------------------------------------------
-
-    def _layer_groups(self) -> dict[str, int]:
-        """Adapter parameter → layer group, 0 being the top group (unfrozen first).
-
-        Without `train.unfreeze` everything is group 0. Parameters outside the decoder
-        layers (a classifier's head) belong to the top group.
-        """
-        import re
-
-        spec = self.cfg.train.unfreeze
-        if spec is None:
-            return {name: 0 for name in self.adapter_params}
-        layer_of = {name: int(m.group(1)) for name in self.adapter_params if (m := re.search(r"\.layers\.(\d+)\.", name))}
-        layers = sorted(set(layer_of.values()), reverse=True)  # top first
-        if len(layers) < spec.groups:
-            raise ApplianceError(
-                f"train.unfreeze.groups={spec.groups} but adapters sit on only {len(layers)} layer(s).",
-                f"use at most {len(layers)} groups",
-            )
-        size = -(-len(layers) // spec.groups)
-        group_of_layer = {layer: i // size for i, layer in enumerate(layers)}
-        return {name: group_of_layer.get(layer_of.get(name, -1), 0) for name in self.adapter_params}
-
-    def unfrozen_groups(self, step: int) -> int:
-        """How many groups (from the top) train at optimizer step `step` (0-based)."""
-        spec = self.cfg.train.unfreeze
-        if spec is None:
-            return 1
-        every = spec.every if isinstance(spec.every, int) else max(1, math.ceil(self.plan.per_epoch / self.cfg.train.grad_accum))
-        return min(spec.groups, 1 + step // every)
-
     def on_step_start(self) -> None:
         """Set which adapter layers train in this phase; announce a new phase."""
         if self.cfg.train.unfreeze is None:
             return
-        active = self.unfrozen_groups(self.state.step)
+        active = unfrozen_groups(self.state.step, self.cfg.train.unfreeze, math.ceil(self.plan.per_epoch / self.cfg.train.grad_accum))
         for name, param in self.adapter_params.items():
             param.requires_grad_(self.layer_groups[name] < active)
         if active != getattr(self, "_active_groups", None):
@@ -285,44 +190,6 @@ class TrainingRun:
         if t.steps is not None:
             return t.steps
         return max(1, math.ceil((t.epochs or 1.0) * self.plan.per_epoch / t.grad_accum))
-
-    def _build_optimizer(self):
-        import torch
-
-        t = self.cfg.train
-        decay = t.unfreeze.lr_decay if t.unfreeze is not None else 1.0
-        # One parameter group per layer group: lower groups may learn more slowly (ULMFiT's discriminative rates).
-        params = [
-            {"params": [p for n, p in self.adapter_params.items() if self.layer_groups[n] == g], "initial_lr": t.lr * decay**g}
-            for g in sorted(set(self.layer_groups.values()))
-        ]
-        name = t.optimizer
-        if name == "auto":
-            name = "paged_adamw_8bit" if self.device == "cuda" else "adamw"
-        if name in ("paged_adamw_8bit", "adamw_8bit"):
-            if self.device != "cuda":
-                raise ApplianceError(f"optimizer {name} needs a CUDA GPU.", "use --set train.optimizer=adamw on CPU")
-            import bitsandbytes as bnb
-
-            cls = bnb.optim.PagedAdamW8bit if name == "paged_adamw_8bit" else bnb.optim.AdamW8bit
-            return cls(params, lr=t.lr, weight_decay=t.weight_decay), name
-        return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay), name
-
-    def _check_resume_config(self) -> None:
-        saved_path = self.run_dir / "config.yaml"
-        if not saved_path.is_file():
-            return
-        import yaml
-
-        saved = yaml.safe_load(saved_path.read_text())
-        now = self.cfg.model_dump(mode="json")
-        diffs = config_differences(saved, now)
-        if diffs:
-            names = ", ".join(".".join(map(str, d)) for d in diffs)
-            raise ApplianceError(
-                f"--resume with settings that differ from the run's ({names}).",
-                f"resume with the same settings (saved in {saved_path}), or start a new run with another --name",
-            )
 
     # -- batches -------------------------------------------------------------------
 
@@ -377,31 +244,16 @@ class TrainingRun:
             if self.scaler is not None and "loss_scale" in state.extra:
                 self.scaler.load_state_dict(state.extra["loss_scale"])
             self.state = state
-            self._truncate_metrics(state.step)
+            self.history = self.folder.truncate_metrics(state.step)
             return path.name
         raise ApplianceError(
             f"No checkpoint of {self.adapter_name!r} verifies (all damaged).",
             "start again with --overwrite",
         )
 
-    def _truncate_metrics(self, step: int) -> None:
-        path = self.run_dir / "metrics.jsonl"
-        if not path.is_file():
-            return
-        kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= step]
-        self.history = [json.loads(line) for line in kept]
-        atomic_write(path, "".join(line + "\n" for line in kept))
-
     def _log(self, record: dict[str, Any]) -> None:
         self.history.append(record)
-        path = self.run_dir / "metrics.jsonl"
-        try:
-            with open(path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-        except OSError as err:
-            if is_disk_full(err):
-                raise disk_full_error(path, err) from None
-            raise
+        self.folder.log(record)
 
     # -- the loop --------------------------------------------------------------------
 
@@ -434,13 +286,10 @@ class TrainingRun:
         return bool(patience) and self.state.evals_without_improvement >= patience
 
     def memory_gib(self) -> float:
-        if self.device == "cuda":
-            import torch
-
-            return torch.cuda.max_memory_allocated() / 2**30
         import psutil
+        import torch
 
-        return psutil.Process().memory_info().rss / 2**30
+        return torch.cuda.max_memory_allocated() / 2**30 if self.device == "cuda" else psutil.Process().memory_info().rss / 2**30
 
     def train_step(self) -> dict[str, float]:
         import torch
@@ -484,7 +333,7 @@ class TrainingRun:
             **stats_total,
         }
 
-    def train(self, signals: _Signals) -> bool:
+    def train(self, signals: StopSignals) -> bool:
         """The loop. Returns True when early stopping ended it."""
         import torch
 
@@ -612,7 +461,7 @@ class TrainingRun:
         )
         if self.cfg.train.unfreeze is None:
             self.emit(PhaseChanged(self.state.step, "all adapter layers", trainable))
-        with _Signals() as signals:
+        with StopSignals() as signals:
             stopped_early = self.train(signals)
             metrics = {}
             last_train = next((h for h in reversed(self.history) if "loss" in h), None)

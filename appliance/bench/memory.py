@@ -33,158 +33,17 @@ import json
 import platform
 import tempfile
 import time
-import warnings
-import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
+from appliance.bench.storages import MOMENTS, STATIC_PARTS, LiveStorages, Storage, _count_static
 from appliance.errors import ApplianceError
 
 GIB = 2**30
-MOMENTS = ("forward", "loss", "backward", "optimizer")
-# Parts alive from before the step (found by the garbage collector) and what they are.
-STATIC_PARTS = ("linear_weights", "kept_weights", "lora_weights", "optimizer_states", "other_tensors")
 RUN_NAME = "memory-step"
-
-
-# -- counting live storages ------------------------------------------------------------------
-
-
-class Storage:
-    """One counted storage: its size, where it came from, and when it lived (event numbers)."""
-
-    __slots__ = ("nbytes", "part", "moment", "op", "shape", "dtype", "born", "died")
-
-    def __init__(self, nbytes: int, part: str, moment: str, op: str, shape: tuple[int, ...], dtype: str, born: int):
-        self.nbytes, self.part, self.moment, self.op, self.shape, self.dtype = nbytes, part, moment, op, shape, dtype
-        self.born, self.died = born, None
-
-    def alive_at(self, event: int) -> bool:
-        return self.born <= event and (self.died is None or self.died > event)
-
-
-class LiveStorages(TorchDispatchMode):
-    """Counts the bytes of live tensor storages on one device, and the peak of each moment.
-
-    Every allocation and every free is an event; a peak is remembered by its event number,
-    and what was alive then is read back from the storages' lifetimes at the end.
-    """
-
-    def __init__(self, device: str):
-        super().__init__()
-        self.device = device
-        self.live: dict[int, Storage] = {}  # id(storage object) → its record
-        self.refs: dict[int, weakref.ref] = {}
-        self.history: list[Storage] = []
-        self.now = 0
-        self.event = 0
-        self.moment = "before"
-        self.peaks: dict[str, tuple[int, int]] = {}  # moment → (bytes, event)
-
-    # -- the storages
-
-    def add(self, tensor: torch.Tensor, part: str, op: str) -> None:
-        if tensor.device.type != self.device:
-            return
-        try:
-            storage = tensor.untyped_storage()
-        except (RuntimeError, NotImplementedError):  # sparse and other storage-less tensors
-            return
-        key, nbytes = id(storage), storage.nbytes()
-        known = self.live.get(key)
-        if known is not None:
-            if nbytes > known.nbytes:  # a storage resized in place: counted at its new size
-                self.now += nbytes - known.nbytes
-                known.nbytes = nbytes
-                self._note_peak()
-            return
-        if nbytes == 0:
-            return
-        self.event += 1
-        record = Storage(nbytes, part, self.moment, op, tuple(tensor.shape), str(tensor.dtype).replace("torch.", ""), self.event)
-        self.live[key] = record
-        self.history.append(record)
-        self.refs[key] = weakref.ref(storage, self._freed_callback(key, record))
-        self.now += nbytes
-        self._note_peak()
-
-    def _freed_callback(self, key: int, record: Storage) -> Callable[[Any], None]:
-        def freed(_ref: Any) -> None:
-            if self.live.get(key) is record:
-                del self.live[key]
-                del self.refs[key]
-                self.event += 1
-                record.died = self.event
-                self.now -= record.nbytes
-
-        return freed
-
-    def _note_peak(self) -> None:
-        if self.moment in MOMENTS and self.now > self.peaks.get(self.moment, (0, 0))[0]:
-            self.peaks[self.moment] = (self.now, self.event)
-
-    def record_of(self, tensor: torch.Tensor) -> Storage | None:
-        return self.live.get(id(tensor.untyped_storage()))
-
-    def alive_at(self, event: int) -> list[Storage]:
-        return [s for s in self.history if s.alive_at(event)]
-
-    # -- every operator's outputs
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        if torch._C._current_graph_task_id() != -1:  # the autograd engine is running
-            if self.moment in ("forward", "loss"):
-                self.moment = "backward"
-        elif self.moment == "backward":  # back from backward: gradient clipping until the optimizer
-            self.moment = "after_backward"
-        op = str(getattr(func, "__name__", func))
-        for leaf in tree_leaves(out):
-            if isinstance(leaf, torch.Tensor):
-                self.add(leaf, "step", op)
-        return out
-
-
-def _tensors_of(obj: Any) -> list[torch.Tensor]:
-    """The tensors an object holds directly (a bitsandbytes QuantState and its nested state2)."""
-    found = []
-    for value in vars(obj).values() if hasattr(obj, "__dict__") else ():
-        if isinstance(value, torch.Tensor):
-            found.append(value)
-        elif type(value).__name__ == "QuantState":
-            found += _tensors_of(value)
-    return found
-
-
-def _count_static(counter: LiveStorages, model: Any, optimizer: Any) -> None:
-    """Every tensor alive before the step, by part: the model's, the optimizer's, then the rest."""
-    for name, param in model.named_parameters():
-        if param.requires_grad:
-            counter.add(param, "lora_weights", "parameter")
-        elif hasattr(param, "quant_state"):  # bitsandbytes Params4bit: packed 4-bit weights
-            counter.add(param, "linear_weights", "parameter")
-            for tensor in _tensors_of(param.quant_state):
-                counter.add(tensor, "linear_weights", "quant_state")
-        else:
-            counter.add(param, "kept_weights", "parameter")
-    for state in optimizer.state.values():
-        for value in state.values():
-            if isinstance(value, torch.Tensor):
-                counter.add(value, "optimizer_states", "optimizer")
-    gc.collect()
-    with warnings.catch_warnings():  # isinstance() on some of torch's deprecated objects warns
-        warnings.simplefilter("ignore")
-        found = [obj for obj in gc.get_objects() if isinstance(obj, torch.Tensor)]
-    for tensor in found:
-        counter.add(tensor, "other_tensors", "found by gc")
-
-
-# -- the step that is measured ---------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -455,79 +314,6 @@ def run_device_name() -> str:
 # -- a model of a real shape with random weights -------------------------------------------------
 
 
-def shape_model(shape_name: str, cache: Path, progress: Callable[[str], None] = lambda _: None) -> Path:
-    """A folder holding a model of the profile's shape with random bf16 weights, written once.
-
-    The weights are written tensor by tensor (never the whole model in memory at once); the
-    tokenizer is SmolLM2's (only the pad id and the range of the random tokens come from it).
-    """
-    from appliance.plan import find_model
-    from appliance.store import atomic_dir
-
-    shape = find_model(shape_name)
-    folder = cache / shape.name
-    if (folder / "config.json").is_file():
-        return folder
-    cache.mkdir(parents=True, exist_ok=True)
-    progress(f"writing random {shape.name} weights into {folder}")
-    with atomic_dir(folder, overwrite=True) as tmp:  # a stopped write leaves no half folder to reuse
-        _write_random_model(shape, tmp)
-    return folder
-
-
-def _write_random_model(shape, folder: Path) -> None:
-    from safetensors.torch import save_file
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    from appliance.models import embedded_gguf
-    from appliance.hf import quiet_libraries
-
-    quiet_libraries()
-    config = LlamaConfig(
-        hidden_size=shape.hidden_size,
-        intermediate_size=shape.intermediate_size,
-        num_hidden_layers=shape.num_hidden_layers,
-        num_attention_heads=shape.num_attention_heads,
-        num_key_value_heads=shape.num_key_value_heads,
-        head_dim=shape.head_dim or shape.hidden_size // shape.num_attention_heads,
-        vocab_size=shape.vocab_size,
-        tie_word_embeddings=shape.tie_word_embeddings,
-        max_position_embeddings=shape.max_position_embeddings,
-        rope_theta=500000.0,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=2,
-        dtype="bfloat16",
-    )
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    names = {n: t.shape for n, t in model.state_dict().items() if not (shape.tie_word_embeddings and n == "lm_head.weight")}
-    g = torch.Generator().manual_seed(0)
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for name, dims in names.items():
-        if size > 2 * GIB:
-            shards.append({})
-            size = 0
-        tensor = torch.ones(dims, dtype=torch.bfloat16) if name.endswith("norm.weight") else (torch.randn(dims, generator=g) * 0.02).to(torch.bfloat16)
-        shards[-1][name] = tensor
-        size += tensor.numel() * 2
-    weight_map = {}
-    for i, shard in enumerate(shards, 1):
-        file = f"model-{i:05d}-of-{len(shards):05d}.safetensors" if len(shards) > 1 else "model.safetensors"
-        save_file(shard, str(folder / file), metadata={"format": "pt"})
-        weight_map.update({n: file for n in shard})
-    if len(shards) > 1:
-        total = sum(t.numel() * 2 for s in shards for t in s.values())
-        (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
-    config.architectures = ["LlamaForCausalLM"]
-    config.save_pretrained(folder)
-    from transformers import AutoTokenizer
-
-    gguf = embedded_gguf()
-    AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name).save_pretrained(folder)
-
-
 # -- against the planner ---------------------------------------------------------------------
 
 PART_TOLERANCE = 0.15  # the planner's tolerance, part by part and in total
@@ -595,7 +381,9 @@ def run_memory_bench(
 
     if shape is not None:
         model_shape = find_model(shape)
-        model_dir, name = shape_model(model_shape.name, cache, progress), model_shape.name
+        from appliance.bench.shapes import shape_folder
+
+        model_dir, name = shape_folder(model_shape.name, cache, progress), model_shape.name
     elif model_dir is not None:
         name = name or model_dir.name
         model_shape = shape_from_config(name, json.loads((model_dir / "config.json").read_text(encoding="utf-8")))

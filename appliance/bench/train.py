@@ -4,7 +4,7 @@
 on the same model, data, batch size, sequence length, LoRA rank/alpha/targets, 4-bit settings,
 learning rate and step count:
 - `appliance`: `TrainingRun.train_step`, the step `appliance train` runs;
-- `trl`: TRL's `SFTTrainer` (appliance/train/trl_peer.py), the trainer users pick first;
+- `trl`: TRL's `SFTTrainer` (appliance/bench/trl_side.py), the trainer users pick first;
 - `plain`: the plain transformers + peft + bitsandbytes loop every tutorial writes
   (../shared/bench/peer_qlora_loop.py, run from where it lies, never copied).
 
@@ -20,26 +20,20 @@ tokens/s, tokens that carry loss; median step time; peak memory):
 
 from __future__ import annotations
 
-import argparse
 import json
-import math
 import os
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Callable
 
 from pydantic import BaseModel, Field
 
+from appliance.bench.sides import LEARNING_RATE, Objective, Side, SideResult
 from appliance.errors import ApplianceError
 
-Side = Literal["appliance", "trl", "plain"]
-Objective = Literal["assistant", "all", "default"]
 SIDE_NAMES = {"appliance": "appliance", "trl": "TRL SFTTrainer", "plain": "plain loop"}
-WARMUP_STEPS = 3  # excluded from the figures, on every side
-LEARNING_RATE = 2e-4  # the plain loop's, fixed in its code
 PLAIN_LOOP_ENV = "APPLIANCE_PEER_LOOP"
 
 
@@ -68,42 +62,6 @@ def demo_data() -> Path:
     from importlib import resources
 
     return Path(str(resources.files("appliance") / "demo" / "facts.jsonl"))
-
-
-def warm_slice(steps: int) -> slice:
-    return slice(min(WARMUP_STEPS, steps - 1), None)
-
-
-def peak_memory() -> dict:
-    """This process's peak: GPU memory allocated by PyTorch, or the resident set on CPU."""
-    import torch
-
-    if torch.cuda.is_available():
-        return {"peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2), "memory": "GPU allocated"}
-    import resource
-
-    return {"peak_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2), "memory": "process RSS"}
-
-
-class SideResult(BaseModel):
-    """One side's run: what it ran and what it measured."""
-
-    side: Side
-    objective: Literal["assistant", "all"] = Field(description="which tokens carry loss: the answers, or every token")
-    gradient_checkpointing: bool
-    batching: str = Field(description="how a batch's examples become rows")
-    optimizer: str
-    device: str
-    load_s: float
-    steps: int
-    step_s_median: float
-    useful_tok_per_s: float = Field(description="non-padding tokens read per second, after warm-up")
-    trained_tok_per_s: float | None = Field(None, description="tokens that carry loss per second")
-    peak_gib: float
-    memory: Literal["process RSS", "GPU allocated"]
-    losses: list[float] = Field(default_factory=list)
-    planner_settings: dict | None = Field(None, description="ours: the planner's settings for this run, levers included")
-    round_tok_per_s: list[float] = Field(default_factory=list, description="useful tokens/s of each round (the figure above is their median)")
 
 
 class Ratio(BaseModel):
@@ -179,176 +137,7 @@ DIFFERENCES = [
 ]
 
 
-# -- our side --------------------------------------------------------------------------------
-
-
-def _random_data(model_dir: Path, seq_len: int, batch_size: int, seed: int):
-    """Random tokens of a real shape (--shape): loss on every token."""
-    import torch
-
-    from appliance.data.dataset import DataReport, PreparedData
-    from appliance.data.encoders import Encoded
-    from appliance.data.template import TokenizedExample
-
-    vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
-    g = torch.Generator().manual_seed(seed)
-    items = []
-    for i in range(batch_size * 4):
-        ids = torch.randint(0, vocab - 1, (seq_len,), generator=g).tolist()
-        items.append(Encoded(0, i, TokenizedExample(ids, ids)))
-    return PreparedData("cpt", items, [], [], DataReport(sources=[]))
-
-
-def run_appliance(
-    model_dir: Path,
-    data: Path | None,
-    *,
-    objective: Objective,
-    gradient_checkpointing: bool | None,
-    seq_len: int,
-    steps: int,
-    batch_size: int,
-    rank: int,
-    seed: int,
-    sets: list[str] = (),
-) -> SideResult:
-    import torch
-
-    from appliance.config import load_run_config
-    from appliance.data.dataset import prepare
-    from appliance.plan import settings_from_config
-    from appliance.registry import Registry
-    from appliance.store import Store
-    from appliance.train.loop import TrainingRun
-    from appliance.hf import load_tokenizer
-
-    model: dict = {"name": model_dir.name, "compute_dtype": "bfloat16"}  # every side computes in bf16
-    if gradient_checkpointing is not None:
-        model["gradient_checkpointing"] = gradient_checkpointing
-    cfg = load_run_config(
-        "sft-qlora" if data else "cpt",
-        sets=list(sets),
-        flags={
-            "model": model,
-            "lora": {"rank": rank, "alpha": rank, "dropout": 0.0},
-            "data": {
-                "files": [{"path": str(data)}] if data else [{"path": "random"}],
-                "seq_len": seq_len,
-                "val": 0,
-                "dedupe": False,
-                "train_on_prompt": bool(data) and objective == "all",
-            },
-            "train": {"steps": steps, "batch_size": batch_size, "lr": LEARNING_RATE, "warmup": 0, "schedule": "constant", "seed": seed},
-        },
-    )
-    with tempfile.TemporaryDirectory() as store:
-        # The run never writes: a benchmark times steps, it saves no checkpoint or adapter.
-        run = TrainingRun(cfg, Registry(Store(Path(store))), "bench")
-        if torch.cuda.is_available():
-            torch.cuda.reset_peak_memory_stats()  # before loading, as the other sides do
-        started = time.time()
-        if data is not None:
-            tokenizer = load_tokenizer(model_dir)
-            run.build(model_dir, prepare(cfg.data, cfg.task, tokenizer), tokenizer.pad_token_id)
-        else:
-            run.build(model_dir, _random_data(model_dir, seq_len, batch_size, seed), 0)
-        load_s = time.time() - started
-        run.model.train()
-        times, useful, trained, losses = [], [], [], []
-        for _ in range(steps):
-            start = time.perf_counter()
-            figures = run.train_step()
-            if run.device == "cuda":
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - start)
-            useful.append(figures["useful_tokens"])
-            trained.append(figures["trained_tokens"])
-            losses.append(round(figures["loss"], 4))
-    warm = warm_slice(steps)
-    w_t = times[warm]
-    planned = settings_from_config(cfg).model_copy(update={"gradient_checkpointing": run.gradient_checkpointing, "optimizer": run.optimizer_name})
-    return SideResult(
-        side="appliance",
-        objective="all" if (data is None or cfg.data.train_on_prompt) else "assistant",
-        gradient_checkpointing=run.gradient_checkpointing,
-        batching="packed rows" if cfg.train.packing else "padded to the longest",
-        optimizer=run.optimizer_name,
-        device=run.device,
-        load_s=round(load_s, 1),
-        steps=steps,
-        step_s_median=round(sorted(w_t)[len(w_t) // 2], 3),
-        useful_tok_per_s=round(sum(useful[warm]) / sum(w_t)),
-        trained_tok_per_s=round(sum(trained[warm]) / sum(w_t)),
-        losses=losses,
-        planner_settings=planned.model_dump(),
-        **peak_memory(),
-    )
-
-
 # -- the comparison ---------------------------------------------------------------------------
-
-
-SHARD_BYTES = 2 * 2**30
-
-
-def shape_folder(shape: str, cache: Path) -> Path:
-    """A random-weight model of a real shape (no download), saved once; every side reads the same folder.
-
-    Built without a GPU and without the whole model in memory: the shapes come from a model on
-    the meta device, and each tensor is drawn on the CPU in bf16 and written shard by shard.
-    """
-    from appliance.plan import find_model
-
-    path = cache / shape
-    if (path / "config.json").is_file():
-        return path
-    import torch
-    from safetensors.torch import save_file
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    from appliance.store import atomic_dir
-
-    s = find_model(shape)
-    config = LlamaConfig(
-        hidden_size=s.hidden_size,
-        intermediate_size=s.intermediate_size,
-        num_hidden_layers=s.num_hidden_layers,
-        num_attention_heads=s.num_attention_heads,
-        num_key_value_heads=s.num_key_value_heads,
-        vocab_size=s.vocab_size,
-        tie_word_embeddings=s.tie_word_embeddings,
-        max_position_embeddings=s.max_position_embeddings,
-        rope_theta=500000.0,
-        dtype="bfloat16",
-    )
-    with torch.device("meta"):
-        shapes = {name: tuple(t.shape) for name, t in AutoModelForCausalLM.from_config(config).state_dict().items()}
-    if s.tie_word_embeddings:
-        shapes.pop("lm_head.weight", None)
-    generator = torch.Generator().manual_seed(0)
-    with atomic_dir(path, overwrite=True) as tmp:  # a run stopped while saving leaves no half folder to reuse
-        shards: list[dict] = [{}]
-        sizes = [0]
-        for name, dims in shapes.items():
-            n = math.prod(dims) * 2
-            if sizes[-1] and sizes[-1] + n > SHARD_BYTES:
-                shards.append({})
-                sizes.append(0)
-            shards[-1][name] = dims
-            sizes[-1] += n
-        weight_map = {}
-        for i, shard in enumerate(shards):
-            filename = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            tensors = {
-                name: torch.ones(dims, dtype=torch.bfloat16) if "norm" in name else (torch.randn(dims, generator=generator) * 0.02).to(torch.bfloat16)
-                for name, dims in shard.items()
-            }
-            save_file(tensors, str(tmp / filename), metadata={"format": "pt"})
-            weight_map.update({name: filename for name in shard})
-            del tensors
-        (tmp / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": sum(sizes)}, "weight_map": weight_map}))
-        config.save_pretrained(tmp)
-    return path
 
 
 def _run_json(cmd: list[str], what: str, out: Path, timeout: float) -> dict:
@@ -467,7 +256,7 @@ def bench_train(
                 else:
                     checkpointing = "default" if spec.gradient_checkpointing is None else ("on" if spec.gradient_checkpointing else "off")
                     key = (side, spec.objective, checkpointing)
-                    cmd = [sys.executable, "-m", "appliance.train.bench", "--side", side, "--objective", spec.objective,
+                    cmd = [sys.executable, "-m", "appliance.bench.sides", "--side", side, "--objective", spec.objective,
                            "--checkpointing", checkpointing, *common, "--out", str(out)]
                     cmd += [arg for item in sets for arg in ("--set", item)] if side == "appliance" else []
                 commands.setdefault(key, (cmd, f"{spec.title}: {SIDE_NAMES[side]}"))
@@ -537,38 +326,3 @@ def measurements(bench: TrainBench, env: dict) -> list[dict]:
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    """A worker: `python -m appliance.train.bench --side appliance|trl --model-dir D [--data F] ... --out result.json`."""
-    parser = argparse.ArgumentParser(description="time one side of `appliance bench train`")
-    parser.add_argument("--side", choices=["appliance", "trl"], default="appliance")
-    parser.add_argument("--objective", choices=["assistant", "all", "default"], default="default")
-    parser.add_argument("--checkpointing", choices=["on", "off", "default"], default="default")
-    parser.add_argument("--model-dir", type=Path, required=True)
-    parser.add_argument("--data", type=Path)
-    parser.add_argument("--seq-len", type=int, default=512)
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--rank", type=int, default=16)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--set", dest="sets", action="append", default=[], help="a run-config override (KEY=VALUE), our side only")
-    parser.add_argument("--out", type=Path, required=True)
-    args = parser.parse_args(argv)
-    from appliance.hf import quiet_libraries
-
-    quiet_libraries()
-    checkpointing = {"on": True, "off": False, "default": None}[args.checkpointing]
-    shared = dict(seq_len=args.seq_len, steps=args.steps, batch_size=args.batch_size, rank=args.rank, seed=args.seed)
-    if args.side == "trl":
-        from appliance.train.trl_peer import run_trl
-
-        result = run_trl(args.model_dir, args.data, objective=args.objective, gradient_checkpointing=checkpointing, lr=LEARNING_RATE, **shared)
-    else:
-        objective = "assistant" if args.objective == "default" else args.objective
-        result = run_appliance(args.model_dir, args.data, objective=objective, gradient_checkpointing=checkpointing, sets=args.sets, **shared)
-    args.out.write_text(result.model_dump_json())
-    print(result.model_dump_json())
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

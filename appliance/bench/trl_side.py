@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from appliance.train.bench import SideResult, peak_memory, warm_slice
+from appliance.bench.sides import SideResult, peak_memory, warm_slice
 
 
 def trl_rows(data: Path | None, objective: str, seq_len: int, batch_size: int, vocab_size: int, seed: int) -> list[dict[str, Any]]:

@@ -1,0 +1,41 @@
+"""The figures the memory model is built from, each with where it comes from."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+GIB = 2**30
+Loop = Literal["appliance", "peer"]
+Optimizer = Literal["paged_adamw_8bit", "adamw_8bit", "adamw"]
+
+# bitsandbytes NF4 stores 4 bits per weight plus one fp32 absmax per block of 64 (0.5 bit per
+# weight); double quantization stores those absmax values in 8 bits, with one fp32 constant per
+# 256 of them: 8/64 + 32/(64·256) ≈ 0.127 bit per weight.
+ABSMAX_BITS = 32 / 64
+DOUBLE_QUANT_BITS = 8 / 64 + 32 / (64 * 256)
+# AdamW keeps two states per trainable parameter: fp32, or 8-bit with one fp32 absmax per 256.
+OPTIMIZER_STATE_BYTES = {"adamw": 8.0, "adamw_8bit": 2 + 2 * 4 / 256, "paged_adamw_8bit": 2 + 2 * 4 / 256}
+# Mirrors appliance.metrics.lm.LOGITS_BUDGET_BYTES (that module imports torch; a test keeps them equal).
+LOGITS_BUDGET_BYTES = 256 * 2**20
+# Outside PyTorch's allocator: the CUDA context, cuBLAS handles, the kernels of torch and bitsandbytes.
+CUDA_CONTEXT_GIB = 0.5
+# The caching allocator reserves more than it hands out (block rounding, fragmentation).
+ALLOCATOR_SLACK = 0.10
+SEQ_STEP = 128  # max_seq_len is a multiple of this (or the whole context)
+MIN_RANK = 8  # the smallest rank the advice goes down to; vLLM serves 8, 16, 32, 64, ...
+ATTENTION_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj"]
+MLP_MODULES = ["gate_proj", "up_proj", "down_proj"]
+LINEAR_MODULES = [*ATTENTION_MODULES, *MLP_MODULES]
+MLP_TILE_TOKENS = 2048  # the tile the advice suggests: big enough to keep a GPU's matmuls efficient
+# Linear layers that read the same input tensor (LoRA keeps that one tensor in a fp32 stream, or with shared inputs).
+MODULE_INPUT = {
+    "q_proj": "attention input",
+    "k_proj": "attention input",
+    "v_proj": "attention input",
+    "o_proj": "attention output",
+    "gate_proj": "mlp input",
+    "up_proj": "mlp input",
+    "down_proj": "mlp product",
+}
+
+
