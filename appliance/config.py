@@ -113,6 +113,10 @@ class DataSpec(Spec):
     val_file: Path | None = Field(None, description="a separate validation file (replaces the split)")
     seq_len: int = Field(1024, ge=16, le=1_048_576, description="longest example in tokens")
     overlong: Literal["drop", "truncate"] = Field("drop", description="examples over seq_len: drop them or cut them")
+    columns: dict[str, str] = Field(
+        default_factory=dict,
+        description="a format's key → the column or key your files use for it, e.g. {prompt: question, completion: answer}",
+    )
     train_on_prompt: bool = Field(
         False,
         description="chat data: loss on every token of the conversation (system prompt, user turns, template), "
@@ -120,6 +124,16 @@ class DataSpec(Spec):
     )
     dedupe: bool = Field(True, description="remove exact duplicate examples before splitting")
     seed: int = Field(0, description="seed of the split")
+
+    @model_validator(mode="after")
+    def _split_sizes(self) -> "DataSpec":
+        for name in ("val", "test"):
+            size = getattr(self, name)
+            if size >= 1 and size != int(size):
+                raise ValueError(f"{name} is {size:g}: a fraction below 1, or a whole number of examples")
+        if 0 < self.val < 1 and 0 < self.test < 1 and self.val + self.test >= 0.9:
+            raise ValueError(f"val {self.val:g} and test {self.test:g} hold out {self.val + self.test:.0%} of the data, leaving almost nothing to train on")
+        return self
 
 
 class TrainSpec(Spec):

@@ -358,6 +358,26 @@ def _(tmp):
     return ["chat", "--url", "http://127.0.0.1:9"], "No server answers"
 
 
+@case("data check: validation and test leave almost nothing to train on")
+def _(tmp):
+    return ["data", "check", str(DEMO / "facts.jsonl"), "--val", "0.9", "--test", "0.5"], "leaving almost nothing to train on"
+
+
+@case("data check: a split count that is not a whole number")
+def _(tmp):
+    return ["data", "check", str(DEMO / "facts.jsonl"), "--val", "2.5"], "a fraction below 1, or a whole number"
+
+
+@case("train: holding out more examples than there are", needs_tiny=True)
+def _(tmp):
+    return train_args(DEMO / "facts.jsonl", "a", "--val", "100"), "leaves 1 to train on"
+
+
+@case("train: a sequence length that drops most examples", needs_tiny=True)
+def _(tmp):
+    return train_args(DEMO / "facts.jsonl", "a", "--seq-len", "50"), "as too long"
+
+
 @case("service install: a context longer than the model's", needs_tiny=True)
 def _(tmp):
     return ["service", "install", "tiny", "--max-model-len", "999999", "--dry-run"], "longer than tiny's context"

@@ -129,12 +129,16 @@ def test_overlong_examples_are_counted_and_dropped_or_truncated(tmp_path, smollm
     tokenizer = load_tokenizer(smollm2_store / "models" / "smollm2")
     rows = [chat("short", "ok")] * 1 + [chat(f"long {i} " + "word " * 200, "fine") for i in range(3)] + [chat("q2", "a2")]
     path = write_jsonl(tmp_path / "d.jsonl", rows)
-    dropped = prepare(DataSpec(files=[DataSource(path=path)], val=0, seq_len=64), "sft", tokenizer)
+    dropped = prepare(DataSpec(files=[DataSource(path=path)], val=0, seq_len=64), "sft", tokenizer, strict=False)
     assert dropped.report.overlong == 3 and len(dropped.train) == 2
+    # Dropping most of the data is a problem, not a note (data check counts it; training refuses).
+    assert dropped.report.problems == ["seq_len=64 drops 3 of 5 examples (60%) as too long."]
+    with pytest.raises(ApplianceError, match="drops 3 of 5 examples"):
+        prepare(DataSpec(files=[DataSource(path=path)], val=0, seq_len=64), "sft", tokenizer)
     # Truncating a long prompt leaves no assistant tokens: such examples go too; none pass the limit.
     cut = prepare(DataSpec(files=[DataSource(path=path)], val=0, seq_len=64, overlong="truncate"), "sft", tokenizer)
     assert cut.report.overlong == 3 and all(e.length <= 64 for e in cut.train)
-    with pytest.raises(ApplianceError, match="longer than seq_len=16"):
+    with pytest.raises(ApplianceError, match="longer than seq_len=16|drops 5 of 5"):
         prepare(DataSpec(files=[DataSource(path=path)], val=0, seq_len=16), "sft", tokenizer)
 
 

@@ -225,13 +225,17 @@ def _check_loads_cleanly(path):
     except ApplianceError as err:
         assert err.fix, err  # a clear, user-facing error
         return
-    lines = path.read_bytes().count(b"\n") + 1
+    raw = path.read_bytes()
+    lines = raw.count(b"\n") + 1
     for problem in loaded.problems:
         assert isinstance(problem.line, int) and problem.message
         if problem.line:
-            assert 1 <= problem.line <= lines and str(problem) == f"line {problem.line}: {problem.message}"
+            # A JSON array's problems name its records, a file of lines its lines.
+            last = len(json.loads(raw)) if problem.unit == "record" else lines
+            assert problem.unit in ("line", "record") and 1 <= problem.line <= last
+            assert str(problem) == f"{problem.unit} {problem.line}: {problem.message}"
         else:  # about the file as a whole: no line to name
-            assert problem.message.startswith(("no line has the keys of a known format", "the file holds no examples")), problem
+            assert problem.message.startswith(("no line has", "no record has", "the file holds no examples", "this looks like a CSV file")), problem
     assert [p.line for p in loaded.problems] == sorted(p.line for p in loaded.problems)
     if not loaded.problems:
         assert loaded.require_clean() is loaded

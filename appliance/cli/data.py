@@ -21,8 +21,9 @@ def data() -> None:
 @data_options
 @click.option("--seed", type=int, default=None, help="split seed")
 @click.option("--recipe", default=None, help="recipe whose task decides the expected format (default: by the file)")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="a data setting, e.g. --set data.columns.prompt=question")
 @json_option
-def check(files, model_name, seed, recipe, as_json, **data_flags) -> None:
+def check(files, model_name, seed, recipe, sets, as_json, **data_flags) -> None:
     """Check data FILES (each FILE or FILE:WEIGHT): format, counts, token lengths, duplicates,
     leakage across train/validation/test, over-long examples, the mixture, and every problem
     with its line number. Exits 1 when a file has problems.
@@ -31,66 +32,49 @@ def check(files, model_name, seed, recipe, as_json, **data_flags) -> None:
     Examples:
       appliance data check chat.jsonl --model smollm2
       appliance data check legal.jsonl:2 recipes.jsonl --mix temperature --replay general.jsonl:0.2
+      appliance data check qa.parquet --set data.columns.prompt=question --set data.columns.completion=answer
     """
-    from appliance import ui
     from appliance.cli.train import flag_overrides, recipe_and_files
     from appliance.config import load_run_config
     from appliance.data.dataset import prepare
 
-    recipe = recipe_and_files(files, recipe)
     flags = flag_overrides(data=files, **data_flags)
-    if seed is not None:
+    if seed is not None:  # the split's seed, not the training run's
         flags["data"]["seed"] = seed
-    cfg = load_run_config(recipe, flags=flags)
-    tokenizer = None
-    if model_name:
-        from appliance.hf import load_tokenizer, quiet_libraries
-
-        quiet_libraries()
-        reg = registry()
-        reg.model(model_name)
-        tokenizer = load_tokenizer(reg.model_dir(model_name))
+    cfg = load_run_config(recipe_and_files(files, recipe), sets=sets, flags=flags)
+    tokenizer = _tokenizer(model_name) if model_name else None
     prepared = prepare(cfg.data, cfg.task, tokenizer, model_name=model_name or "", strict=False)
-    report = prepared.report
-    problems = sum(len(s.problems) for s in report.sources) + len(report.problems)
-
+    summary = prepared.summary()
     if as_json:
-        print_json(
-            {
-                "task": cfg.task,
-                "mixture": None if prepared.mixture is None else {"strategy": report.strategy, "probabilities": dict(zip(prepared.mixture.names, prepared.mixture.probs))},
-                "sources": [
-                    {**s.__dict__, "problems": [{"line": p.line, "message": p.message} for p in s.problems]} for s in report.sources
-                ],
-                "splits": {n: len(prepared.split(n)) for n in ("train", "val", "test")},
-                "lengths": report.lengths,
-                "trained_tokens": report.trained_tokens,
-                "overlong": report.overlong,
-                "leaks": [{"prompt": leak.prompt, "splits": list(leak.splits)} for leak in report.leaks],
-                "problems": problems,
-            }
-        )
-        sys.exit(1 if problems else 0)
+        print_json(summary)
+    else:
+        show(prepared, cfg, model_name)
+    sys.exit(1 if summary["problems"] else 0)
 
+
+def _tokenizer(model_name: str):
+    from appliance.hf import load_tokenizer, quiet_libraries
+
+    quiet_libraries()
+    reg = registry()
+    reg.model(model_name)
+    return load_tokenizer(reg.model_dir(model_name))
+
+
+def show(prepared, cfg, model_name: str | None) -> None:
     from rich.table import Table
 
+    from appliance import ui
+
+    report = prepared.report
     table = Table(title=f"data for {cfg.task}")
     table.add_column("file", overflow="fold", min_width=12)
     for header in ("role", "format", "lines", "dups", "train", "val", "test", "sampled", "problems"):
         table.add_column(header, no_wrap=True)
     for s in report.sources:
-        table.add_row(
-            s.path,
-            s.role,
-            s.format,
-            str(s.lines),
-            str(s.duplicates),
-            str(s.splits.get("train", 0)),
-            str(s.splits.get("val", 0)),
-            str(s.splits.get("test", 0)),
-            "-" if s.probability is None else f"{s.probability:.1%}",
-            f"[red]{len(s.problems)}[/]" if s.problems else "0",
-        )
+        splits = [str(s.splits.get(name, 0)) for name in ("train", "val", "test")]
+        sampled = "-" if s.probability is None else f"{s.probability:.1%}"
+        table.add_row(s.path, s.role, s.format, str(s.lines), str(s.duplicates), *splits, sampled, f"[red]{len(s.problems)}[/]" if s.problems else "0")
     ui.console.print(table)
     if prepared.mixture is not None:
         weights = ", ".join(f"{s.path}: {s.weight:g}" for s in report.sources if s.weight is not None)
@@ -104,14 +88,7 @@ def check(files, model_name, seed, recipe, as_json, **data_flags) -> None:
     if report.lengths:
         lengths = Table("split", "examples", "tokens p50", "p95", "max", "tokens with loss", title=f"token lengths ({model_name})")
         for name, figures in report.lengths.items():
-            lengths.add_row(
-                name,
-                str(len(prepared.split(name))),
-                str(figures["p50"]),
-                str(figures["p95"]),
-                str(figures["max"]),
-                str(report.trained_tokens.get(name, 0)),
-            )
+            lengths.add_row(name, str(len(prepared.split(name))), *(str(figures[k]) for k in ("p50", "p95", "max")), str(report.trained_tokens.get(name, 0)))
         ui.console.print(lengths)
         if report.overlong:
             ui.warn(
@@ -131,7 +108,8 @@ def check(files, model_name, seed, recipe, as_json, **data_flags) -> None:
             ui.console.print(f"[red]{s.path}[/] {p}", highlight=False)
     for p in report.problems:
         ui.console.print(f"[red]{p}[/]", highlight=False)
-    if problems:
-        ui.err_console.print(f"[red]{problems} problem(s) found.[/] Fix them, then check again.")
-        sys.exit(1)
-    ui.console.print("[green]ok[/]")
+    count = sum(len(s.problems) for s in report.sources) + len(report.problems)
+    if count:
+        ui.err_console.print(f"[red]{count} problem(s) found.[/] Fix them, then check again.")
+    else:
+        ui.console.print("[green]ok[/]")

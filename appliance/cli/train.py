@@ -53,6 +53,7 @@ FLAG_SETTINGS = {
     "test": "data.test",
     "mix": "data.mix.strategy",
     "temperature": "data.mix.temperature",
+    "val_file": "data.val_file",
 }
 
 
@@ -86,6 +87,7 @@ def data_options(fn):
     for option in reversed(
         [
             click.option("--val", type=float, help="validation split: fraction (< 1) or count"),
+            click.option("--val-file", type=click.Path(path_type=Path, dir_okay=False), help="a separate validation file (replaces --val)"),
             click.option("--test", type=float, help="test split, never seen in training: fraction (< 1) or count"),
             click.option("--mix", type=click.Choice(["concat", "equal", "proportional", "temperature"]), help="how several --data files are sampled"),
             click.option("--temperature", type=float, help="T of --mix temperature: probability ∝ size^(1/T)"),

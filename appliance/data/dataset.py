@@ -18,11 +18,12 @@ from appliance.config import DataSpec
 from appliance.data.encoders import ENCODERS, Encoded, Record
 from appliance.data.load import LoadedFile, Problem, load_file
 from appliance.data.mix import Mixture, mixture_probabilities
-from appliance.data.split import Leak, dedupe, leakage, split
+from appliance.data.split import Leak, dedupe, leakage, split, split_count
 from appliance.data.template import require_chat_template
 from appliance.errors import ApplianceError
 
 SPLITS = ("train", "val", "test")
+OVERLONG_SHARE = 0.25  # dropping more of the examples than this as too long is a problem, not a note
 
 
 @dataclass
@@ -64,6 +65,24 @@ class PreparedData:
     def split(self, name: str) -> list[Encoded]:
         return getattr(self, name)
 
+    def summary(self) -> dict[str, Any]:
+        """What `appliance data check --json` prints: every figure and every problem it counts."""
+        report = self.report
+        problems = [{"file": s.path, "line": p.line, "unit": p.unit, "message": p.message} for s in report.sources for p in s.problems]
+        problems += [{"file": None, "line": 0, "unit": None, "message": message} for message in report.problems]
+        return {
+            "task": self.task,
+            "mixture": None if self.mixture is None else {"strategy": report.strategy, "probabilities": dict(zip(self.mixture.names, self.mixture.probs))},
+            "sources": [{**{k: v for k, v in s.__dict__.items() if k != "problems"}, "problems": len(s.problems)} for s in report.sources],
+            "splits": {n: len(self.split(n)) for n in SPLITS},
+            "lengths": report.lengths,
+            "trained_tokens": report.trained_tokens,
+            "overlong": report.overlong,
+            "leaks": [{"prompt": leak.prompt, "splits": list(leak.splits)} for leak in report.leaks],
+            "problems": len(problems),
+            "problem_list": problems,
+        }
+
 
 def percentile(values: list[int], q: float) -> int:
     if not values:
@@ -72,8 +91,8 @@ def percentile(values: list[int], q: float) -> int:
     return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
 
 
-def _load(path: Path, task: str, strict: bool, role: str, weight: float | None = None) -> tuple[LoadedFile, SourceReport]:
-    loaded = load_file(path, task)
+def _load(path: Path, task: str, strict: bool, role: str, weight: float | None = None, columns: dict[str, str] | None = None) -> tuple[LoadedFile, SourceReport]:
+    loaded = load_file(path, task, columns)
     if strict:
         loaded.require_clean()
     report = SourceReport(str(path), loaded.format, loaded.sha256, len(loaded.examples), role, weight, problems=loaded.problems)
@@ -103,7 +122,7 @@ def prepare(
     sources: list[SourceReport] = []
     per_source: list[list[Record]] = []
     for index, data_source in enumerate(spec.files):
-        loaded, report = _load(data_source.path, task, strict, "train", data_source.weight)
+        loaded, report = _load(data_source.path, task, strict, "train", data_source.weight, spec.columns)
         sources.append(report)
         per_source.append(_records(loaded, index))
 
@@ -111,7 +130,7 @@ def prepare(
     val: list[Record] = []
     test: list[Record] = []
     if spec.val_file is not None:
-        loaded, report = _load(spec.val_file, task, strict, "val")
+        loaded, report = _load(spec.val_file, task, strict, "val", columns=spec.columns)
         sources.append(report)
         val += _records(loaded, len(sources) - 1)
         report.splits = {"val": len(val)}
@@ -137,6 +156,12 @@ def prepare(
         val_size = 0 if spec.val_file is not None else spec.val
         tr, va, te = split(records, val_size, spec.test, spec.seed + index)
         sources[index].splits = {"train": len(tr), "val": len(va), "test": len(te)}
+        asked = split_count(len(records), val_size) + split_count(len(records), spec.test)
+        if tr and (asked >= len(records) or len(va) + len(te) > len(tr)):  # none left: refused below
+            _problem(report_all, strict,
+                     f"{sources[index].path}: holding out {split_count(len(records), val_size)} for validation and "
+                     f"{split_count(len(records), spec.test)} for test of {len(records)} examples leaves {len(tr)} to train on.",
+                     "hold out less (--val, --test), or add examples")
         train_by_source.append(tr)
         train += tr
         val += va
@@ -167,6 +192,12 @@ def prepare(
             lengths = [e.length for e in encoded]
             report_all.lengths[name] = {"p50": percentile(lengths, 50), "p95": percentile(lengths, 95), "max": max(lengths, default=0)}
             report_all.trained_tokens[name] = sum(e.trained_tokens for e in encoded)
+        dropped = report_all.overlong if spec.overlong == "drop" else 0
+        total = dropped + sum(len(prepared.split(name)) for name in SPLITS)
+        if prepared.train and dropped > OVERLONG_SHARE * total:
+            _problem(report_all, strict,
+                     f"seq_len={spec.seq_len} drops {dropped} of {total} examples ({dropped / total:.0%}) as too long.",
+                     "raise --seq-len (data check --model shows the lengths), or keep long examples cut with --set data.overlong=truncate")
         if not prepared.train:
             problem = "No training examples are left after tokenizing"
             if report_all.overlong:

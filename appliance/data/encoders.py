@@ -124,7 +124,7 @@ class ChatEncoder(Encoder):
 
     def encode(self, example: Example) -> TokenizedExample:
         assert isinstance(example, ChatExample)
-        tokenized = tokenize_chat(self.tokenizer, example.messages, self.eot)
+        tokenized = tokenize_chat(self.tokenizer, example.messages, self.eot, example.tools)
         if tokenized.trained_tokens == 0:
             raise TemplateMismatch("the chat template left no assistant tokens to learn from")
         if self.spec.train_on_prompt:

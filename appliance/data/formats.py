@@ -1,8 +1,13 @@
-"""Data formats: detection by keys and line-numbered validation, one parser each.
+"""Data formats: detection by keys and record-numbered validation, one parser each.
 
-A format is a set of required (and optional) keys and a parser from a JSON
-object to a typed example. Adding a format is adding one `Format` to
-`FORMATS`; nothing else in the loader changes.
+A format is a set of required (and optional) keys and a parser from a JSON object to a typed
+example. Adding a format is adding one `Format` to `FORMATS`; nothing else in the loader changes.
+
+The chat formats read what the tools users come from write: OpenAI's fine-tuning format (content
+as a string or a list of text parts, `developer` as the system role, `weight: 0` on an assistant
+turn not to learn, `tool_calls` and `tool` turns), ShareGPT (`conversations` of `from`/`value`),
+Alpaca and LLaMA-Factory's instruction format (with `system` and `history`), and TRL's
+prompt/completion pairs.
 """
 
 from __future__ import annotations
@@ -10,25 +15,48 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
+# Other names of those roles: OpenAI's newer system role, and ShareGPT's and LLaMA-Factory's names.
+ROLE_ALIASES = {
+    "developer": "system",
+    "human": "user",
+    "gpt": "assistant",
+    "chatgpt": "assistant",
+    "bard": "assistant",
+    "bing": "assistant",
+    "function_call": "assistant",
+    "observation": "tool",
+    "function": "tool",
+    "function_response": "tool",
+}
 
 
 class RecordError(ValueError):
-    """One record is wrong; the loader adds file and line."""
+    """One record is wrong; the loader adds file and record number."""
 
 
 @dataclass(frozen=True)
 class Message:
     role: str
     content: str
+    trained: bool = True  # an assistant turn with OpenAI's `weight: 0` carries no loss
+    tool_calls: tuple[dict, ...] | None = None  # an assistant turn that calls tools (OpenAI's shape)
+    tool_call_id: str | None = None  # a tool turn: the call it answers
 
-    def as_dict(self) -> dict[str, str]:
-        return {"role": self.role, "content": self.content}
+    def as_dict(self) -> dict[str, Any]:
+        """The message as a chat template reads it."""
+        out: dict[str, Any] = {"role": self.role, "content": self.content}
+        if self.tool_calls:
+            out["tool_calls"] = [dict(call) for call in self.tool_calls]
+        if self.tool_call_id:
+            out["tool_call_id"] = self.tool_call_id
+        return out
 
 
 @dataclass(frozen=True)
 class ChatExample:
     messages: tuple[Message, ...]
+    tools: tuple[dict, ...] | None = None  # the tools the conversation may call (OpenAI's `tools`), for the template
 
     @property
     def prompt_key(self) -> str:
@@ -38,7 +66,7 @@ class ChatExample:
 
     @property
     def key(self) -> str:
-        return "\x1e".join(f"{m.role}\x1f{m.content}" for m in self.messages)
+        return "\x1e".join(f"{m.role}\x1f{m.content}\x1f{m.tool_calls}" for m in self.messages)
 
 
 @dataclass(frozen=True)
@@ -100,40 +128,83 @@ def _string(record: dict[str, Any], key: str, *, required: bool = True, allow_em
     return value
 
 
-def parse_messages(value: Any, key: str = "messages", *, need_assistant_last: bool = True) -> tuple[Message, ...]:
+def _content(value: Any, where: str) -> str:
+    """A message's content: a string, or OpenAI's list of parts of which only text is read."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list):
+        texts = []
+        for j, part in enumerate(value):
+            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+                raise RecordError(f"{where}[{j}] is a {kind!r} part; only text parts can be trained on ({{'type': 'text', 'text': ...}})")
+            texts.append(part["text"])
+        return "".join(texts)
+    raise RecordError(f"{where} must be a string or a list of text parts")
+
+
+def _tool_calls(value: Any, where: str) -> tuple[dict, ...] | None:
+    if value is None:
+        return None
+    if not isinstance(value, list) or not value or not all(isinstance(c, dict) for c in value):
+        raise RecordError(f"{where} must be a non-empty list of tool calls ({{'type': 'function', 'function': {{'name', 'arguments'}}}})")
+    for j, call in enumerate(value):
+        function = call.get("function")
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str) or not function["name"]:
+            raise RecordError(f"{where}[{j}] needs 'function': {{'name': ..., 'arguments': ...}}")
+    return tuple(value)
+
+
+def parse_messages(value: Any, key: str = "messages", *, need_assistant_last: bool = True, role_key: str = "role",
+                   content_key: str = "content") -> tuple[Message, ...]:
     if not isinstance(value, list) or not value:
-        raise RecordError(f"{key!r} must be a non-empty list of {{'role', 'content'}} objects")
+        raise RecordError(f"{key!r} must be a non-empty list of {{{role_key!r}, {content_key!r}}} objects")
     messages = []
     for i, item in enumerate(value):
         if not isinstance(item, dict):
-            raise RecordError(f"{key}[{i}] must be an object with 'role' and 'content'")
-        role, content = item.get("role"), item.get("content")
+            raise RecordError(f"{key}[{i}] must be an object with {role_key!r} and {content_key!r}")
+        raw_role = item.get(role_key)
+        role = ROLE_ALIASES.get(raw_role, raw_role) if isinstance(raw_role, str) else raw_role
         if role not in ROLES:
-            raise RecordError(f"{key}[{i}].role is {role!r}; allowed roles: {', '.join(ROLES)}")
-        if not isinstance(content, str):
-            raise RecordError(f"{key}[{i}].content must be a string")
-        if not content.strip() and role != "system":
-            raise RecordError(f"{key}[{i}].content is empty")
-        messages.append(Message(role, content))
+            raise RecordError(f"{key}[{i}].{role_key} is {raw_role!r}; allowed roles: {', '.join(ROLES)} (or developer, human, gpt)")
+        calls = _tool_calls(item.get("tool_calls"), f"{key}[{i}].tool_calls") if role == "assistant" else None
+        content = item.get(content_key)
+        content = "" if content is None and calls else _content(content, f"{key}[{i}].{content_key}")
+        if not content.strip() and role != "system" and not calls:
+            raise RecordError(f"{key}[{i}].{content_key} is empty")
+        trained = True
+        if "weight" in item:
+            if role != "assistant" or item["weight"] not in (0, 1) or isinstance(item["weight"], bool):
+                raise RecordError(f"{key}[{i}].weight must be 0 or 1, on an assistant turn (OpenAI's format)")
+            trained = item["weight"] == 1
+        call_id = item.get("tool_call_id") if role == "tool" and isinstance(item.get("tool_call_id"), str) else None
+        messages.append(Message(role, content, trained, calls, call_id))
     _check_order(messages, key, need_assistant_last)
     return tuple(messages)
 
 
 def _check_order(messages: list[Message], key: str, need_assistant_last: bool) -> None:
-    """system? then user/assistant alternating, starting with user."""
+    """system? then user first; user and assistant alternate; tool turns answer the assistant turn before them."""
     turns = messages[1:] if messages[0].role == "system" else messages
     if any(m.role == "system" for m in turns):
         raise RecordError(f"{key}: a system message may only come first")
     if not turns or turns[0].role != "user":
         raise RecordError(f"{key}: the first turn after the system message must be 'user'")
     for a, b in zip(turns, turns[1:]):
-        if a.role == b.role:
+        if b.role == "tool":
+            if a.role not in ("assistant", "tool"):
+                raise RecordError(f"{key}: a 'tool' turn must follow the assistant turn that called the tool")
+        elif a.role == b.role:
             raise RecordError(f"{key}: roles must alternate user/assistant, found two {a.role!r} turns in a row")
+        elif a.role == "tool" and b.role != "assistant":
+            raise RecordError(f"{key}: after a 'tool' turn comes the assistant's answer")
     if need_assistant_last:
         if not any(m.role == "assistant" for m in turns):
             raise RecordError(f"{key}: no assistant turn to learn from")
         if turns[-1].role != "assistant":
-            raise RecordError(f"{key}: the last turn must be 'assistant' (nothing to learn after a final user turn)")
+            raise RecordError(f"{key}: the last turn must be 'assistant' (nothing to learn after a final user or tool turn)")
+        if not any(m.trained for m in turns if m.role == "assistant"):
+            raise RecordError(f"{key}: every assistant turn has weight 0: nothing to learn")
     elif turns[-1].role != "user":
         raise RecordError(f"{key}: the prompt must end with a 'user' turn")
 
@@ -141,19 +212,56 @@ def _check_order(messages: list[Message], key: str, need_assistant_last: bool) -
 # -- parsers ---------------------------------------------------------------------
 
 
+def _tools(record: dict[str, Any]) -> tuple[dict, ...] | None:
+    tools = record.get("tools")
+    if tools is None:
+        return None
+    if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
+        raise RecordError("'tools' must be a list of tool definitions ({'type': 'function', 'function': {...}})")
+    return tuple(tools) or None
+
+
 def parse_chat(record: dict[str, Any]) -> ChatExample:
-    return ChatExample(parse_messages(record.get("messages")))
+    return ChatExample(parse_messages(record.get("messages")), _tools(record))
+
+
+def parse_sharegpt(record: dict[str, Any]) -> ChatExample:
+    """ShareGPT: {"conversations": [{"from": "human"|"gpt"|"system"|"tool", "value": ...}], "system"?}."""
+    messages = parse_messages(record.get("conversations"), "conversations", role_key="from", content_key="value")
+    if isinstance(record.get("system"), str) and record["system"].strip() and messages[0].role != "system":
+        messages = (Message("system", record["system"]), *messages)
+    return ChatExample(messages, _tools(record))
 
 
 def parse_instruction(record: dict[str, Any]) -> ChatExample:
+    """Alpaca (instruction, input, output), with LLaMA-Factory's `system` and `history` of earlier [question, answer] turns."""
     instruction = _string(record, "instruction")
     extra = _string(record, "input", required=False, allow_empty=True)
     output = _string(record, "output")
     user = f"{instruction}\n\n{extra}" if extra.strip() else instruction
-    messages = [Message("user", user), Message("assistant", output)]
+    messages = []
     if "system" in record:
-        messages.insert(0, Message("system", _string(record, "system", allow_empty=True)))
+        messages.append(Message("system", _string(record, "system", allow_empty=True)))
+    history = record.get("history") or []
+    if not isinstance(history, list) or not all(isinstance(t, list) and len(t) == 2 and all(isinstance(x, str) for x in t) for t in history):
+        raise RecordError("'history' must be a list of [question, answer] pairs of strings")
+    for question, answer in history:
+        messages += [Message("user", question), Message("assistant", answer)]
+    messages += [Message("user", user), Message("assistant", output)]
+    _check_order(messages, "instruction", True)
     return ChatExample(tuple(messages))
+
+
+def parse_prompt_completion(record: dict[str, Any]) -> ChatExample:
+    """TRL's prompt/completion pairs: strings, or conversations (the prompt's, then the completion's turns)."""
+    prompt, completion = record.get("prompt"), record.get("completion")
+    if isinstance(prompt, str) and isinstance(completion, str):
+        if not prompt.strip() or not completion.strip():
+            raise RecordError("'prompt' and 'completion' must not be empty")
+        return ChatExample((Message("user", prompt), Message("assistant", completion)))
+    if isinstance(prompt, list) and isinstance(completion, list):
+        return ChatExample(parse_messages(prompt + completion, "prompt + completion"))
+    raise RecordError("'prompt' and 'completion' must both be strings or both be message lists")
 
 
 def parse_text(record: dict[str, Any]) -> TextExample:
@@ -179,7 +287,7 @@ def _completion(value: Any, key: str) -> str:
     if isinstance(value, list) and len(value) == 1 and isinstance(value[0], dict):
         if value[0].get("role") != "assistant":
             raise RecordError(f"{key!r} as a message list must hold one 'assistant' message")
-        value = value[0].get("content")
+        value = _content(value[0].get("content"), f"{key}[0].content")
     if not isinstance(value, str):
         raise RecordError(f"missing key {key!r}" if value is None else f"{key!r} must be a string or one assistant message")
     if not value.strip():
@@ -208,14 +316,17 @@ class Format:
 FORMATS: dict[str, Format] = {
     f.name: f
     for f in (
-        Format("chat", frozenset({"messages"}), frozenset(), parse_chat, '{"messages": [{"role", "content"}, ...]}'),
+        Format("chat", frozenset({"messages"}), frozenset({"tools"}), parse_chat, '{"messages": [{"role", "content"}, ...]}'),
+        Format("sharegpt", frozenset({"conversations"}), frozenset({"system", "tools"}), parse_sharegpt,
+               '{"conversations": [{"from", "value"}, ...]}'),
         Format(
             "instruction",
             frozenset({"instruction", "output"}),
-            frozenset({"input", "system"}),
+            frozenset({"input", "system", "history"}),
             parse_instruction,
-            '{"instruction", "input"?, "output"}',
+            '{"instruction", "input"?, "output", "system"?, "history"?}',
         ),
+        Format("prompt-completion", frozenset({"prompt", "completion"}), frozenset(), parse_prompt_completion, '{"prompt", "completion"}'),
         Format("preference", frozenset({"prompt", "chosen", "rejected"}), frozenset(), parse_preference,
                '{"prompt", "chosen", "rejected"}'),
         Format("classification", frozenset({"text", "label"}), frozenset(), parse_classification, '{"text", "label"}'),
@@ -225,7 +336,7 @@ FORMATS: dict[str, Format] = {
 
 # Which formats each task accepts.
 TASK_FORMATS: dict[str, tuple[str, ...]] = {
-    "sft": ("chat", "instruction"),
+    "sft": ("chat", "sharegpt", "instruction", "prompt-completion"),
     "cpt": ("text",),
     "dpo": ("preference",),
     "classify": ("classification",),

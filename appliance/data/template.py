@@ -35,13 +35,15 @@ def require_chat_template(tokenizer: Any, model_name: str) -> None:
         )
 
 
-def render(tokenizer: Any, messages: Sequence[Message | dict], *, add_generation_prompt: bool = False) -> str:
+def render(tokenizer: Any, messages: Sequence[Message | dict], *, add_generation_prompt: bool = False, tools: Sequence[dict] | None = None) -> str:
     """The conversation as text, by the model's template, in jinja's sandbox."""
     import jinja2
 
     dicts = [m.as_dict() if isinstance(m, Message) else m for m in messages]
     try:
-        return tokenizer.apply_chat_template(dicts, tokenize=False, add_generation_prompt=add_generation_prompt)
+        return tokenizer.apply_chat_template(
+            dicts, tokenize=False, add_generation_prompt=add_generation_prompt, tools=list(tools) if tools else None
+        )
     except jinja2.exceptions.SecurityError as err:
         raise ApplianceError(
             f"The model's chat template tried something the sandbox forbids ({err}).",
@@ -87,15 +89,23 @@ class TokenizedExample:
         return sum(1 for x in self.labels[1:] if x != IGNORE_INDEX)
 
 
-def assistant_spans(tokenizer: Any, messages: Sequence[Message], eot: str | None) -> tuple[str, list[tuple[int, int]]]:
-    """The rendered text and the character spans that carry loss (assistant content + end-of-turn)."""
-    full = render(tokenizer, messages)
+def assistant_spans(tokenizer: Any, messages: Sequence[Message], eot: str | None, tools: Sequence[dict] | None = None) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered text and the character spans that carry loss: each trained assistant turn's
+    content (its tool calls included) and end-of-turn; a turn with `weight: 0` carries none."""
+    full = render(tokenizer, messages, tools=tools)
+    for message in messages:
+        for call in message.tool_calls or ():
+            if call["function"]["name"] not in full:
+                raise TemplateMismatch(
+                    "this model's chat template does not render tool calls (the call to "
+                    f"{call['function']['name']!r} vanished): use a model whose template supports tools, or put the call in the content"
+                )
     spans = []
     for i, message in enumerate(messages):
-        if message.role != "assistant":
+        if message.role != "assistant" or not message.trained:
             continue
-        prefix = render(tokenizer, messages[:i], add_generation_prompt=True)
-        upto = render(tokenizer, messages[: i + 1])
+        prefix = render(tokenizer, messages[:i], add_generation_prompt=True, tools=tools)
+        upto = render(tokenizer, messages[: i + 1], tools=tools)
         if not (full.startswith(upto) and upto.startswith(prefix)):
             raise TemplateMismatch("the chat template does not render conversations incrementally")
         start, end = len(prefix), len(upto)
@@ -107,8 +117,8 @@ def assistant_spans(tokenizer: Any, messages: Sequence[Message], eot: str | None
     return full, spans
 
 
-def tokenize_chat(tokenizer: Any, messages: Sequence[Message], eot: str | None) -> TokenizedExample:
-    full, spans = assistant_spans(tokenizer, messages, eot)
+def tokenize_chat(tokenizer: Any, messages: Sequence[Message], eot: str | None, tools: Sequence[dict] | None = None) -> TokenizedExample:
+    full, spans = assistant_spans(tokenizer, messages, eot, tools)
     enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
     labels = []
     for token_id, (start, _end) in zip(enc["input_ids"], enc["offset_mapping"]):
