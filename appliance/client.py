@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from appliance.errors import ApplianceError
-from appliance.serve.endpoint import Endpoint, no_server, served_models
+from appliance.serve import Endpoint, no_server, served_models
 
 
 def sdk(endpoint: Endpoint, timeout: float = 300):
@@ -220,8 +220,8 @@ def time_restart(registry, base: str, adapter: str | None, log_dir: Path) -> dic
     It runs beside the benchmarked one on a free port and is stopped afterwards, so the
     endpoint under test is never interrupted.
     """
-    from appliance.serve.command import build_spec
-    from appliance.serve.process import free_port, running_server
+    from appliance.serve import build_spec
+    from appliance.serve import free_port, running_server
 
     spec = build_spec(registry, base, [adapter] if adapter else [], port=free_port(RESTART_PORT))
     start = time.perf_counter()

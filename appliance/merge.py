@@ -214,8 +214,8 @@ def probe_sequences(registry: Registry, adapter: AdapterManifest, tokenizer: Any
     validation split as full conversations (teacher-forced answers). Returns (sequences, how many
     validation examples, notes)."""
     from appliance.config import RunConfig
-    from appliance.data.dataset import prepare
-    from appliance.data.template import has_chat_template, render
+    from appliance.data import prepare
+    from appliance.data import has_chat_template, render
 
     notes: list[str] = []
     if adapter.task == "classify":  # a classifier reads plain text ending in eos

@@ -166,7 +166,7 @@ def write_generation_config(folder: Path, tokenizer: Any, eot: str | None) -> li
 
 def describe_folder(folder: Path, *, name: str, source: str, kind: str = "base", **extra: Any) -> ModelManifest:
     """Tokenizer, template and generation config settled; build the manifest (fingerprint last)."""
-    from appliance.data.template import end_of_turn, has_chat_template
+    from appliance.data import end_of_turn, has_chat_template
     from appliance.hf import load_tokenizer
 
     config = read_json(folder / "config.json")

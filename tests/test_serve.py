@@ -7,7 +7,7 @@ import pytest
 from click.testing import CliRunner
 
 from appliance.cli import main
-from appliance.serve.command import build_spec, lora_rank_limit, vllm_command, vllm_env
+from appliance.serve import build_spec, lora_rank_limit, vllm_command, vllm_env
 from test_bad_inputs import _adapter
 
 
@@ -78,7 +78,7 @@ def test_every_path_but_health_needs_the_key(monkeypatch):
 @pytest.mark.parametrize("lora", [True, False])
 def test_a_foreground_server_has_a_key_unless_opted_out_on_loopback(host, lora):
     from appliance.errors import ApplianceError
-    from appliance.serve.auth import server_key
+    from appliance.serve import server_key
 
     loopback = host in ("127.0.0.1", "localhost", "::1")
     generated = server_key(host, lora=lora, given=None, opt_out=False, service_key=None)
@@ -118,7 +118,7 @@ def test_clients_find_a_running_foreground_server_and_its_key(tiny, monkeypatch)
     import os
     import subprocess
 
-    from appliance.serve.endpoint import DEFAULT_URL, find_endpoint
+    from appliance.serve import DEFAULT_URL, find_endpoint
     from appliance.serve.service import write_running_record
 
     monkeypatch.delenv("APPLIANCE_URL", raising=False)

@@ -13,9 +13,9 @@ from click.testing import CliRunner
 
 from appliance.cli import main
 from appliance.client import ask
-from appliance.serve.endpoint import Endpoint
+from appliance.serve import Endpoint
 from appliance.errors import ApplianceError
-from appliance.serve.command import build_spec
+from appliance.serve import build_spec
 from appliance.serve.service import Paths, read_env_file, render, write_files
 from conftest import REPO
 

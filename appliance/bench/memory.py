@@ -97,9 +97,9 @@ def _run_config(model_name: str, case: StepCase, items: int):
 
 def _random_data(cfg, model_dir: Path, lengths: list[int]):
     """(data, pad id): random token ids of exact lengths, every token labelled (the data step's output)."""
-    from appliance.data.dataset import DataReport, PreparedData
-    from appliance.data.encoders import Encoded
-    from appliance.data.template import TokenizedExample
+    from appliance.data import DataReport, PreparedData
+    from appliance.data import Encoded
+    from appliance.data import TokenizedExample
     from appliance.hf import load_tokenizer
 
     tokenizer = load_tokenizer(model_dir)

@@ -69,9 +69,9 @@ def _random_data(model_dir: Path, seq_len: int, batch_size: int, seed: int):
     """Random tokens of a real shape (--shape): loss on every token."""
     import torch
 
-    from appliance.data.dataset import DataReport, PreparedData
-    from appliance.data.encoders import Encoded
-    from appliance.data.template import TokenizedExample
+    from appliance.data import DataReport, PreparedData
+    from appliance.data import Encoded
+    from appliance.data import TokenizedExample
 
     vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
     g = torch.Generator().manual_seed(seed)
@@ -98,7 +98,7 @@ def run_appliance(
     import torch
 
     from appliance.config import load_run_config
-    from appliance.data.dataset import prepare
+    from appliance.data import prepare
     from appliance.plan import settings_from_config
     from appliance.registry import Registry
     from appliance.store import Store

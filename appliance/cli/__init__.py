@@ -54,11 +54,11 @@ def main() -> None:
 
 
 def _register() -> None:
-    from appliance.cli import adapters, bench, client, data, evaluate, merge, models, plan, quickstart, serve, service, train
+    from appliance.cli import adapters, bench, client, data, doctor, evaluate, merge, models, plan, quickstart, serve, service, train
 
     for group in (models.models, data.data):
         main.add_command(group)
-    for module in (quickstart, plan, train, evaluate, merge, serve, service, adapters, client, bench):
+    for module in (quickstart, plan, train, evaluate, merge, serve, service, adapters, client, bench, doctor):
         for command in module.commands:
             main.add_command(command)
 

@@ -13,7 +13,7 @@ def adapters() -> None:
 
 
 def _loaded(url, api_key) -> set[str] | None:
-    from appliance.serve.endpoint import find_endpoint, served_models
+    from appliance.serve import find_endpoint, served_models
     from appliance.errors import ApplianceError
 
     try:
@@ -118,7 +118,7 @@ def load(name, url, api_key) -> None:
       appliance adapters load recipes && appliance ask "How do I make Hilde's soup?" --adapter recipes
     """
     from appliance import ui
-    from appliance.serve.endpoint import find_endpoint
+    from appliance.serve import find_endpoint
     from appliance.serve.adapters import load as load_adapter
     from appliance.serve.service import rank_limit_for
 
@@ -140,7 +140,7 @@ def unload(name, url, api_key) -> None:
       appliance adapters unload recipes
     """
     from appliance import ui
-    from appliance.serve.endpoint import find_endpoint
+    from appliance.serve import find_endpoint
     from appliance.serve.adapters import unload as unload_adapter
 
     seconds = unload_adapter(find_endpoint(url, api_key), registry(), name)

@@ -224,7 +224,7 @@ def bench_serve(model, adapter, url, api_key, concurrency, requests, max_tokens,
       appliance bench serve --adapter facts
     """
     from appliance.client import bench_serve as run_bench
-    from appliance.serve.endpoint import find_endpoint
+    from appliance.serve import find_endpoint
     from appliance.hardware import describe
     from appliance.results import save_result
 

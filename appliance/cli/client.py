@@ -34,7 +34,7 @@ def ask(question, model, adapter, url, api_key, system, max_tokens, temperature,
 
     from appliance.client import ask as ask_endpoint
     from appliance.errors import ApplianceError
-    from appliance.serve.endpoint import find_endpoint
+    from appliance.serve import find_endpoint
 
     if question == "-":
         question = sys.stdin.read().strip()
@@ -68,7 +68,7 @@ def chat(model, adapter, url, api_key, system, temperature, max_tokens) -> None:
 
     from appliance import ui
     from appliance.client import default_model, stream_chat
-    from appliance.serve.endpoint import find_endpoint
+    from appliance.serve import find_endpoint
 
     endpoint = find_endpoint(url, api_key)
     name = adapter or model or default_model(endpoint)

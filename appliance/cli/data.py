@@ -36,7 +36,7 @@ def check(files, model_name, seed, recipe, sets, as_json, **data_flags) -> None:
     """
     from appliance.cli.train import flag_overrides, recipe_and_files
     from appliance.config import load_run_config
-    from appliance.data.dataset import prepare
+    from appliance.data import prepare
 
     flags = flag_overrides(data=files, **data_flags)
     if seed is not None:  # the split's seed, not the training run's

@@ -104,9 +104,9 @@ def serve(model, api_key, no_api_key, **options) -> None:
     from rich.panel import Panel
 
     from appliance import ui
-    from appliance.serve.auth import server_key
-    from appliance.serve.command import shell_line, vllm_command
-    from appliance.serve.process import log_tail, serve_foreground
+    from appliance.serve import server_key
+    from appliance.serve import shell_line, vllm_command
+    from appliance.serve import log_tail, serve_foreground
     from appliance.serve.service import installed_endpoint
 
     spec = spec_from_options(model, **options)

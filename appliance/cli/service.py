@@ -37,7 +37,7 @@ def install(model, system, run_as, overwrite, dry_run, no_wait, **options) -> No
       sudo appliance service install smollm2 --system --run-as alice
     """
     from appliance import ui
-    from appliance.serve.process import check_port, require_vllm
+    from appliance.serve import check_port, require_vllm
     from appliance.serve.service import Paths, install as install_service, new_api_key, redact, render
 
     options["runtime_adapters"] = True
@@ -86,7 +86,7 @@ def status(as_json: bool) -> None:
       appliance service status --json
     """
     from appliance import ui
-    from appliance.serve.endpoint import Endpoint, served_models
+    from appliance.serve import Endpoint, served_models
     from appliance.errors import ApplianceError
     from appliance.serve.service import installed_endpoint, status as service_status
 

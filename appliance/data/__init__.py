@@ -1,7 +1,46 @@
-"""Data: formats, validation, chat templates with assistant-only labels, splits, leakage, batches."""
+"""Data: formats and their validation (formats, load), chat templates with assistant-only labels
+(template), tokenizing per task (encoders), splits and the leakage check (split), mixing and replay
+(mix), the whole preparation (dataset), and batches (batches). Tokenizers, never models."""
 
-from appliance.data.batches import Batch, MicroBatchPlan
-from appliance.data.dataset import PreparedData, prepare
+from appliance.data.batches import Batch, MicroBatchPlan, collate_classification, collate_lm, collate_pairs
+from appliance.data.dataset import DataReport, PreparedData, data_records, examples_per_epoch, prepare
+from appliance.data.encoders import Encoded
+from appliance.data.formats import Message
 from appliance.data.load import load_file, recipe_for
+from appliance.data.mix import MixturePlan
+from appliance.data.template import (
+    IGNORE_INDEX,
+    TemplateMismatch,
+    TokenizedExample,
+    end_of_turn,
+    has_chat_template,
+    render,
+    require_chat_template,
+    tokenize_chat,
+)
 
-__all__ = ["Batch", "MicroBatchPlan", "PreparedData", "load_file", "prepare", "recipe_for"]
+__all__ = [
+    "IGNORE_INDEX",
+    "Batch",
+    "DataReport",
+    "Encoded",
+    "Message",
+    "MicroBatchPlan",
+    "MixturePlan",
+    "PreparedData",
+    "TemplateMismatch",
+    "TokenizedExample",
+    "collate_classification",
+    "collate_lm",
+    "collate_pairs",
+    "data_records",
+    "end_of_turn",
+    "examples_per_epoch",
+    "has_chat_template",
+    "load_file",
+    "prepare",
+    "recipe_for",
+    "render",
+    "require_chat_template",
+    "tokenize_chat",
+]

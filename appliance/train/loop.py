@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from appliance.config import RunConfig
-from appliance.data.batches import Batch, MicroBatchPlan
-from appliance.data.dataset import PreparedData, data_records, examples_per_epoch, prepare
-from appliance.data.mix import MixturePlan
+from appliance.data import Batch, MicroBatchPlan
+from appliance.data import PreparedData, data_records, examples_per_epoch, prepare
+from appliance.data import MixturePlan
 from appliance.errors import ApplianceError, TrainingInterrupted
 from appliance.hardware import detect
 from appliance.hf import compute_dtype, load_base, load_tokenizer, quiet_libraries, resolve_device

@@ -7,7 +7,7 @@ from typing import Any, Sequence
 
 import torch
 
-from appliance.data.batches import Batch, collate_classification, collate_lm, collate_pairs
+from appliance.data import Batch, collate_classification, collate_lm, collate_pairs
 from appliance.metrics.scores import classification_metrics
 from appliance.metrics.lm import causal_lm_loss_sum, class_logits, class_probabilities, mean_token_loss, perplexity, sequence_logprobs
 
