@@ -25,6 +25,31 @@ def profiles_dir() -> Path:
     raise ApplianceError("The profiles folder is missing from this installation.", "reinstall appliance")
 
 
+def user_profiles_dir() -> Path:
+    """Profiles of the user's own (gpus/, models/, recipes/): $APPLIANCE_PROFILES, else the user's config folder.
+
+    They sit outside the installed package so that an upgrade keeps them; one with the file
+    name of a shipped profile replaces it.
+    """
+    import os
+
+    env = os.environ.get("APPLIANCE_PROFILES")
+    if env:
+        return Path(env).expanduser()
+    import platformdirs
+
+    return Path(platformdirs.user_config_dir("appliance")) / "profiles"
+
+
+def profile_files(kind: str) -> list[Path]:
+    """The YAML profiles of one kind (gpus, models, recipes): the user's, then the shipped ones they do not replace."""
+    found: dict[str, Path] = {}
+    for folder in (user_profiles_dir() / kind, profiles_dir() / kind):
+        for path in sorted(folder.glob("*.yaml")) if folder.is_dir() else []:
+            found.setdefault(path.stem, path)
+    return list(found.values())
+
+
 class Spec(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -222,11 +247,12 @@ class RunConfig(Spec):
 
 
 def recipe_path(name: str) -> Path:
-    path = profiles_dir() / "recipes" / f"{name}.yaml"
-    if not path.is_file():
-        known = sorted(p.stem for p in (profiles_dir() / "recipes").glob("*.yaml"))
-        raise ApplianceError(f"Unknown recipe {name!r}.", f"use one of: {', '.join(known)}")
-    return path
+    recipes = {p.stem: p for p in profile_files("recipes")}
+    if name not in recipes:
+        raise ApplianceError(
+            f"Unknown recipe {name!r}.", f"use one of: {', '.join(sorted(recipes))} (or add {user_profiles_dir() / 'recipes'}/{name}.yaml)"
+        )
+    return recipes[name]
 
 
 def read_yaml(path: Path, what: str) -> dict[str, Any]:

@@ -28,6 +28,7 @@ DEMO = REPO / "appliance" / "demo"
 def appliance_home(tmp_path, monkeypatch) -> Path:
     home = tmp_path / "home"
     monkeypatch.setenv("APPLIANCE_HOME", str(home))
+    monkeypatch.setenv("APPLIANCE_PROFILES", str(tmp_path / "profiles"))  # the user's own profiles, none unless a test writes them
     return home
 
 

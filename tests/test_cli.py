@@ -41,3 +41,29 @@ def test_the_replace_flag_has_one_meaning_under_three_names():
     for path in (("train",), ("merge",), ("models", "import"), ("models", "rm"), ("adapters", "rm"), ("service", "install")):
         output = CliRunner().invoke(main, [*path, "--help"]).output
         assert all(alias in output for alias in ("--overwrite", "--force", "--yes")), path
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["merge", "nosuch"],
+        ["eval", "nosuch"],
+        ["bench", "merge", "nosuch"],
+        ["serve", "nosuch"],
+        ["export", "nosuch"],
+        ["train", "--model", "nosuch", "--data", "appliance/demo/facts.jsonl"],
+        ["plan", "--model", "nosuch", "--gpu", "RTX 3060"],
+    ],
+    ids=lambda a: " ".join(a[:2]),
+)
+def test_a_mistyped_name_fails_before_torch_is_imported(argv):
+    """A typo costs a message, not seconds of imports: the exit code is 2 and torch was never loaded."""
+    code = (
+        "import sys; from appliance.cli import main\n"
+        "try:\n    main(sys.argv[1:], standalone_mode=True)\n"
+        "except SystemExit as e:\n    print('TORCH' if 'torch' in sys.modules else 'NO-TORCH'); sys.exit(e.code)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code, *argv], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert proc.stdout.strip().endswith("NO-TORCH"), proc.stdout + proc.stderr

@@ -24,12 +24,13 @@ def evaluate(name, data, against, limit, as_json) -> None:
     Example:
       appliance eval facts --data held_out.jsonl
     """
+    reg = registry()
+    reg.adapter(name)  # a typo fails here, before torch is imported
     from rich.table import Table
 
     from appliance import ui
     from appliance.evaluate import evaluate_adapter, save_evaluation
 
-    reg = registry()
     with ui.Spinner(f"evaluating {name}") as spinner:
         report = evaluate_adapter(reg, name, data=data, against=against, limit=limit, progress=spinner.update)
     save_evaluation(reg, report)

@@ -29,12 +29,14 @@ def merge(adapter: str, name: str | None, weights: str, dtype: str, overwrite: b
       appliance merge facts --weights original --dtype bfloat16
       appliance serve smollm2-facts
     """
-    from appliance import ui
-    from appliance.merge import merge_adapter
     from appliance.store import check_name
 
     if name:
         check_name(name, "model name")
+    registry().base_of(registry().adapter(adapter))  # a typo or a missing base fails here, before torch is imported
+    from appliance import ui
+    from appliance.merge import merge_adapter
+
     with ui.Spinner(f"merging {adapter}") as spinner:
         manifest = merge_adapter(registry(), adapter, name=name, overwrite=overwrite, weights=weights, dtype=dtype, progress=spinner.update)
     if as_json:

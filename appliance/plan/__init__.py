@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from appliance.config import RunConfig, nest
 from appliance.plan.advice import Recommendation, recommend
@@ -44,10 +44,12 @@ from appliance.plan.profiles import (
     gpu_profiles,
     model_profiles,
     require_gpu,
+    cpu_profile,
+    gpu_with_memory,
     shape_from_config,
 )
 from appliance.plan.settings import TrainSettings, settings_from_config
-from appliance.plan.timing import Measurement, TimeEstimate, estimate_time, flops_per_token, load_measurements
+from appliance.plan.timing import Measurement, TimeEstimate, estimate_time, flops_per_token, load_measurements, longest_measured_seq_len
 from appliance.registry import Registry
 
 __all__ = [
@@ -64,6 +66,9 @@ __all__ = [
     "TimeEstimate",
     "TrainSettings",
     "chunk_rows",
+    "cpu_profile",
+    "gpu_with_memory",
+    "longest_measured_seq_len",
     "detected_gpu",
     "estimate",
     "estimate_time",
@@ -95,6 +100,7 @@ class FitPlan(BaseModel):
     estimate: Estimate
     max_seq_len: int
     max_batch_size: int
+    measured_seq_len: int = Field(description="the longest sequence a saved run measured memory at: longer ones are extrapolated")
     time: TimeEstimate | None
     recommendations: list[Recommendation]
 
@@ -111,6 +117,7 @@ class FitPlan(BaseModel):
             "loop": e.loop,
             "settings": e.settings.model_dump(mode="json"),
             "total_gib": round(e.total_gib, 3),
+            "margin_gib": round(e.margin_gib, 3),
             "allocated_gib": round(e.allocated_gib, 3),
             "gpu_gib": e.gpu_gib,
             "nominal_gib": e.nominal_gib,
@@ -122,6 +129,7 @@ class FitPlan(BaseModel):
             "parts_what": {name: p.what for name, p in e.parts.items()},
             "max_seq_len": self.max_seq_len,
             "max_batch_size": self.max_batch_size,
+            "measured_seq_len": self.measured_seq_len,
             "time": self.time.model_dump(mode="json") if self.time else None,
             "recommendations": [
                 {
@@ -142,6 +150,7 @@ def make_plan(shape: ModelShape, gpu: GpuProfile, settings: TrainSettings, steps
         estimate=estimate(shape, gpu, settings, loop),
         max_seq_len=max_seq_len(shape, gpu, settings, loop),
         max_batch_size=max_batch_size(shape, gpu, settings, loop),
+        measured_seq_len=longest_measured_seq_len(),
         time=estimate_time(shape, gpu, settings, steps, loop),
         recommendations=recommend(shape, gpu, settings) if loop == "appliance" else [],
     )
@@ -153,4 +162,4 @@ def plan_run(cfg: RunConfig, registry: Registry, gpu_name: str | None, steps: in
     gpu = find_gpu(gpu_name) if gpu_name else detected_gpu()
     if gpu is None:
         return None
-    return make_plan(find_model(cfg.model.name or "", registry), gpu, settings_from_config(cfg), steps)
+    return make_plan(find_model(cfg.model.name or "", registry), gpu, settings_from_config(cfg, gpu.device), steps)

@@ -68,7 +68,7 @@ def _candidates(shape: ModelShape, gpu: GpuProfile, s: TrainSettings) -> list[tu
         out.append((f"LoRA rank {rank} (learns less than {s.rank})", {"rank": rank}))
     if set(lora_targets(s)) - set(ATTENTION_MODULES):
         out.append(("LoRA on the attention layers only (q, k, v, o): learns less", {"target_modules": ATTENTION_MODULES}))
-    offload = s.gradient_checkpointing and not s.offload_activations
+    offload = s.gradient_checkpointing and not s.offload_activations and gpu.device == "cuda"  # on CPU they are in RAM already
     tile = s.mlp_tile_tokens is None and _tiled(_with(s, mlp_tile_tokens=MLP_TILE_TOKENS))
     offload_what = "offload the checkpointed block inputs to CPU memory (a copy each way per layer)"
     tile_what = f"compute the MLPs {MLP_TILE_TOKENS} tokens at a time (one more MLP forward)"
@@ -78,7 +78,7 @@ def _candidates(shape: ModelShape, gpu: GpuProfile, s: TrainSettings) -> list[tu
         out.append((tile_what, {"mlp_tile_tokens": MLP_TILE_TOKENS}))
     if offload and tile:
         out.append((f"both: {offload_what}, and {tile_what}", {"offload_activations": True, "mlp_tile_tokens": MLP_TILE_TOKENS}))
-    if s.optimizer != "paged_adamw_8bit":
+    if s.optimizer != "paged_adamw_8bit" and gpu.device == "cuda":  # bitsandbytes' paged states need CUDA
         out.append(("paged 8-bit AdamW: a quarter of fp32 AdamW's states, in pages that can move to CPU memory", {"optimizer": "paged_adamw_8bit"}))
     return out
 

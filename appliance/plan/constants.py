@@ -19,6 +19,16 @@ OPTIMIZER_STATE_BYTES = {"adamw": 8.0, "adamw_8bit": 2 + 2 * 4 / 256, "paged_ada
 LOGITS_BUDGET_BYTES = 256 * 2**20
 # Outside PyTorch's allocator: the CUDA context, cuBLAS handles, the kernels of torch and bitsandbytes.
 CUDA_CONTEXT_GIB = 0.5
+# What the driver keeps of a consumer card's memory (RTX 3060: 12 → 11.75 GiB usable, RTX 3090:
+# 24 → 23.70, RTX 4090: 24 → 23.64; profiles/gpus): an unlisted card (--gpu-memory) is planned with this off.
+DRIVER_KEEPS_GIB = 0.36
+# A run "fits" only with this share of the usable memory to spare: on measured GPU runs the
+# estimate was within 1 % for 4-bit weights but 8 % under for 16-bit ones (bench/results,
+# tests/test_plan.py), and a run that fits by a few MiB fails on the first longer batch.
+FIT_MARGIN = 0.05
+# A run on CPU: the process's resident memory once torch, transformers, peft, bitsandbytes and
+# the training loop are imported (measured: 0.60 GiB, torch 2.13 CPU, 2026-11-29).
+CPU_PROCESS_GIB = 0.6
 # The caching allocator reserves more than it hands out (block rounding, fragmentation).
 ALLOCATOR_SLACK = 0.10
 SEQ_STEP = 128  # max_seq_len is a multiple of this (or the whole context)

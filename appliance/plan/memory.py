@@ -30,8 +30,10 @@ from appliance.plan.constants import (
     ABSMAX_BITS,
     ALLOCATOR_SLACK,
     ATTENTION_MODULES,
+    CPU_PROCESS_GIB,
     CUDA_CONTEXT_GIB,
     DOUBLE_QUANT_BITS,
+    FIT_MARGIN,
     GIB,
     LINEAR_MODULES,
     LOGITS_BUDGET_BYTES,
@@ -194,6 +196,7 @@ class Estimate(BaseModel):
     moments: dict[str, dict[str, float]] = Field(
         description="what PyTorch allocates at each moment (loss, backward, optimizer), GiB by part; the peak moment's are `parts`"
     )
+    device: Literal["cuda", "cpu"] = "cuda"
     gpu_gib: float = Field(description="the memory the plan compares with: what the driver reports usable, less what others hold")
     nominal_gib: float = Field(description="the memory on the box")
     held_gib: float = Field(0.0, description="held by other processes when planned (the detected GPU)")
@@ -211,8 +214,14 @@ class Estimate(BaseModel):
 
     @computed_field
     @property
+    def margin_gib(self) -> float:
+        """What must stay free for a plan to count as fitting (FIT_MARGIN of the usable memory)."""
+        return FIT_MARGIN * self.gpu_gib
+
+    @computed_field
+    @property
     def fits(self) -> bool:
-        return self.total_gib <= self.gpu_gib
+        return self.total_gib <= self.gpu_gib - self.margin_gib
 
 
 def estimate(shape: ModelShape, gpu: GpuProfile, settings: TrainSettings, loop: Loop = "appliance") -> Estimate:
@@ -335,7 +344,10 @@ def estimate(shape: ModelShape, gpu: GpuProfile, settings: TrainSettings, loop: 
     allocated = {m: sum(p.gib for p in parts.values() if p.allocated) for m, parts in moments.items()}
     moment = max(allocated, key=allocated.get)
     parts = dict(moments[moment])
-    parts["cuda_context"] = Part(gib=CUDA_CONTEXT_GIB, allocated=False, what="CUDA context and kernels, outside PyTorch's allocator")
+    if gpu.device == "cuda":
+        parts["cuda_context"] = Part(gib=CUDA_CONTEXT_GIB, allocated=False, what="CUDA context and kernels, outside PyTorch's allocator")
+    else:
+        parts["process"] = Part(gib=CPU_PROCESS_GIB, allocated=False, what="the process: Python, torch, transformers, peft, bitsandbytes")
     parts["allocator_slack"] = Part(
         gib=ALLOCATOR_SLACK * allocated[moment], allocated=False, what=f"allocator slack: reserved, unused blocks ({ALLOCATOR_SLACK:.0%})"
     )
@@ -347,6 +359,7 @@ def estimate(shape: ModelShape, gpu: GpuProfile, settings: TrainSettings, loop: 
         parts=parts,
         peak_moment=moment,
         moments={m: {name: p.gib for name, p in ps.items() if p.allocated} for m, ps in moments.items()},
+        device=gpu.device,
         gpu_gib=gpu.usable,
         nominal_gib=gpu.vram_gib,
         held_gib=gpu.held_gib,

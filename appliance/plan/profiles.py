@@ -6,13 +6,15 @@ from __future__ import annotations
 import difflib
 import json
 import re
-from typing import Any
+from pathlib import Path
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from appliance.config import profiles_dir, read_yaml
+from appliance.config import profile_files, read_yaml, user_profiles_dir
 from appliance.errors import ApplianceError
-from appliance.plan.constants import CUDA_CONTEXT_GIB, GIB
+from appliance.plan.constants import CUDA_CONTEXT_GIB, DRIVER_KEEPS_GIB, GIB
+from appliance.plan.settings import TrainSettings
 from appliance.registry import Registry
 
 
@@ -23,6 +25,20 @@ class Profile(BaseModel):
     aliases: list[str] = Field(default_factory=list, description="other names that find this profile")
 
 
+class PublishedRun(BaseModel):
+    """A training run on this card that another tool's authors measured and published."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    tool: str = Field(description="what ran it, with what matters for speed: 'torchtune 0.3, torch.compile, torchao NF4'")
+    source: str = Field(description="where it is published, at a fixed commit or date")
+    date: str = Field(description="when it was published, YYYY-MM-DD")
+    model: str = Field(description="a model profile name or alias: the shapes measured")
+    settings: TrainSettings
+    tokens_per_s: float = Field(gt=0, description="trained tokens per second, as published")
+    peak_gib: float | None = Field(None, gt=0, description="the peak memory published (that tool's, not ours)")
+
+
 class GpuProfile(Profile):
     vram_gib: float = Field(gt=0, description="memory on the card, GiB, as the box says")
     usable_gib: float | None = Field(
@@ -31,6 +47,8 @@ class GpuProfile(Profile):
     bf16: bool = Field(description="tensor cores compute bf16 (else training computes in fp16)")
     bf16_tflops: float | None = Field(None, gt=0, description="dense bf16 tensor rate with fp32 accumulate, TFLOP/s (no sparsity); unknown: no time estimate")
     bandwidth_gbps: float | None = Field(None, gt=0, description="memory bandwidth, GB/s")
+    device: Literal["cuda", "cpu"] = Field("cuda", description="cpu: planning a run in this machine's memory")
+    published: list[PublishedRun] = Field(default_factory=list, description="training runs others measured on this card")
 
     held_gib: float = Field(0.0, ge=0, description="held by other processes now (a desktop, a running server): the detected GPU only")
 
@@ -93,8 +111,9 @@ GPU_WORDS = ("nvidia", "geforce")  # "NVIDIA GeForce RTX 3060" (what the driver 
 
 
 def _load_profiles(kind: str, cls: type[Profile]) -> list:
+    """The shipped profiles and the user's own (`user_profiles_dir()`), which replace shipped ones of the same file name."""
     found = []
-    for path in sorted((profiles_dir() / kind).glob("*.yaml")):
+    for path in profile_files(kind):
         try:
             found.append(cls.model_validate(read_yaml(path, "profile")))
         except ValidationError as err:
@@ -129,7 +148,9 @@ def _close_matches(name: str, profiles: list, drop: tuple[str, ...] = ()) -> lis
 
 
 def find_gpu(name: str) -> GpuProfile:
-    """A GPU profile by name or alias ("RTX 3060", "3060", "NVIDIA GeForce RTX 3060")."""
+    """A GPU profile by name or alias ("RTX 3060", "3060", "NVIDIA GeForce RTX 3060"); "cpu" is this machine's memory."""
+    if name_key(name) == "cpu":
+        return cpu_profile()
     profiles = gpu_profiles()
     found = _match(name, profiles, GPU_WORDS)
     if found is None:
@@ -137,10 +158,33 @@ def find_gpu(name: str) -> GpuProfile:
         hint = f"did you mean {', '.join(close)}? " if close else ""
         raise ApplianceError(
             f"No GPU profile matches {name!r}.",
-            f"{hint}use --gpu with one of: {', '.join(p.name for p in profiles)} "
-            "(or add profiles/gpus/NAME.yaml for another card)",
+            f"{hint}use --gpu with one of: {', '.join(p.name for p in profiles)}; for another card give its memory "
+            f"(--gpu-memory 24) or add its profile to {user_profiles_dir() / 'gpus'}/NAME.yaml",
         )
     return found
+
+
+def gpu_with_memory(gib: float) -> GpuProfile:
+    """An unlisted card known only by the memory on its box: memory is planned, time is not (its TFLOP/s are unknown)."""
+    if not gib > DRIVER_KEEPS_GIB:
+        raise ApplianceError(f"--gpu-memory {gib:g} is too small for a GPU.", "give the memory on the card's box in GiB, e.g. --gpu-memory 16")
+    # bf16 or fp16 compute changes time, not memory: both are 2 bytes.
+    return GpuProfile(name=f"a {gib:g} GiB GPU", vram_gib=gib, usable_gib=round(gib - DRIVER_KEEPS_GIB, 2), bf16=True)
+
+
+def cpu_profile() -> GpuProfile:
+    """This machine's memory, for a run on its CPU: what is free now is what a run can have."""
+    import psutil
+
+    memory = psutil.virtual_memory()
+    total = memory.total / GIB
+    return GpuProfile(
+        name="CPU (this machine's memory)",
+        vram_gib=round(total, 2),
+        bf16=True,
+        device="cpu",
+        held_gib=round(max(0.0, (memory.total - memory.available) / GIB), 2),
+    )
 
 
 def detected_gpu() -> GpuProfile | None:
@@ -199,8 +243,36 @@ def shape_from_config(name: str, config: dict[str, Any]) -> ModelShape:
     )
 
 
+def _config_path(name: str) -> Path | None:
+    """A Hugging Face folder, or its config.json, given as a path."""
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return path / "config.json"
+    if path.suffix == ".json":
+        return path
+    if path.suffix.lower() == ".gguf" and path.is_file():
+        raise ApplianceError(
+            f"{path} is a GGUF file: the planner reads a Hugging Face config.json.",
+            f"import it first (`appliance models import {path} --name NAME`), then plan NAME",
+        )
+    return None
+
+
 def find_model(name: str, registry: Registry | None = None) -> ModelShape:
-    """The shapes of a model: a store model's own config.json first, else a profile."""
+    """The shapes of a model: a Hugging Face folder or config.json given as a path, a store
+    model's own config.json, else a profile."""
+    config_path = _config_path(name)
+    if config_path is not None:
+        if not config_path.is_file():
+            raise ApplianceError(f"{config_path} does not exist.", "give a Hugging Face model folder (with config.json) or the path of its config.json")
+        try:
+            config = json.loads(config_path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise ApplianceError(f"Cannot read {config_path}: {err}.", "give the config.json of a Hugging Face model") from None
+        if not isinstance(config, dict):
+            raise ApplianceError(f"{config_path} is not a model's config.json (not a JSON object).", "give the config.json of a Hugging Face model")
+        label = config_path.parent.name if config_path.name == "config.json" else config_path.stem
+        return shape_from_config(label, config.get("text_config", config))
     registry = registry or Registry()
     if name in registry.store.names("models"):
         config_path = registry.model_dir(name) / "config.json"

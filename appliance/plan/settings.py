@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from appliance.config import DataSpec, LoraSpec, ModelSpec, RunConfig, Task, TrainSpec
 from appliance.errors import ApplianceError
 from appliance.plan.constants import LINEAR_MODULES, Optimizer
-from appliance.plan.profiles import ModelShape
+
+if TYPE_CHECKING:  # profiles types its published runs with TrainSettings
+    from appliance.plan.profiles import ModelShape
 
 
 def _default(spec: type[BaseModel], field: str) -> Any:
@@ -62,7 +64,8 @@ CONFIG_PATHS = {
 }
 
 
-def settings_from_config(cfg: RunConfig) -> TrainSettings:
+def settings_from_config(cfg: RunConfig, device: str = "cuda") -> TrainSettings:
+    """The settings a run of `cfg` trains with on `device`: 'auto' resolved as the training loop resolves it."""
     values = {}
     for field, path in CONFIG_PATHS.items():
         node: Any = cfg
@@ -70,9 +73,11 @@ def settings_from_config(cfg: RunConfig) -> TrainSettings:
             node = getattr(node, part)
         values[field] = node
     if values["gradient_checkpointing"] == "auto":
-        values["gradient_checkpointing"] = True
+        # On CPU the loop keeps activations unless they would take a large share of the RAM
+        # (appliance.train.model.checkpointing_for); the plan's advice says when to turn it on.
+        values["gradient_checkpointing"] = device == "cuda"
     if values["optimizer"] == "auto":
-        values["optimizer"] = "paged_adamw_8bit"
+        values["optimizer"] = "paged_adamw_8bit" if device == "cuda" else "adamw"
     if cfg.lora.dropout > 0:  # dropout's mask would have to be kept: peft's own forward runs (appliance.train.lora)
         values["lora_shared_inputs"] = False
     return TrainSettings(**values)

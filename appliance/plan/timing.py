@@ -54,6 +54,20 @@ def load_measurements(folder: Path | None = None) -> list[Measurement]:
     return found
 
 
+def longest_measured_seq_len(folder: Path | None = None) -> int:
+    """The longest sequence any saved run measured memory at: our loops' GPU runs, our step's
+    live memory (memory-*.json), the runs published in GPU profiles. Beyond it a plan extrapolates."""
+    folder = folder or results_dir()
+    lengths = [m.settings.seq_len for m in load_measurements(folder)]
+    lengths += [p.settings.seq_len for gpu in gpu_profiles() for p in gpu.published if p.peak_gib]
+    for path in sorted(Path(folder).glob("memory-*.json")) if folder else []:
+        try:
+            lengths.append(int(json.loads(path.read_text(encoding="utf-8"))["memory"]["settings"]["seq_len"]))
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # tests/test_memory.py reads these files strictly
+    return max(lengths, default=0)
+
+
 def flops_per_token(shape: ModelShape, settings: TrainSettings) -> float:
     """Matmul FLOPs of one trained token: forward, backward and recompute.
 
@@ -78,60 +92,113 @@ def flops_per_token(shape: ModelShape, settings: TrainSettings) -> float:
     return forward + backward + recompute + reference
 
 
-class Calibration(BaseModel):
+class Point(BaseModel):
+    """One measured throughput, as the calibration uses it."""
+
+    run: str = Field(description="what ran: 'peer loop', 'appliance loop', or another tool")
+    loop: Loop | None = Field(description="our loop or the peer loop; None: another tool's published run")
+    gpu: GpuProfile
+    model: str
+    settings: TrainSettings
+    tokens_per_s: float
+    source: str = Field(description="a file under bench/results, or where the run is published")
+    flops: float = Field(description="FLOPs per trained token of that run")
     efficiency: float = Field(description="achieved FLOP/s ÷ the GPU's dense bf16 peak")
-    basis: list[str] = Field(description="the measurements it comes from")
+
+    def describe(self) -> str:
+        weights = "4-bit" if self.settings.load_in_4bit else "16-bit"
+        shape = f"seq {self.settings.seq_len} × batch {self.settings.batch_size}, r{self.settings.rank}"
+        return f"{self.run}, {self.model}, {self.gpu.name}, {weights}, {shape}: {self.tokens_per_s:,.0f} tok/s ({self.source})"
 
 
-def _efficiency_points(measurements: list[Measurement]) -> list[tuple[Measurement, float, float]]:
-    """(measurement, FLOPs per token, efficiency) of every measurement with a throughput and known profiles."""
+def efficiency_points(measurements: list[Measurement], published: bool = True) -> list[Point]:
+    """Every measured throughput with known shapes and GPU rate: our measurements, then (with
+    `published`) the runs published in the GPU profiles."""
     gpus, shapes = gpu_profiles(), model_profiles()
+    raw: list[tuple[str, Loop | None, GpuProfile | None, str, TrainSettings, float | None, str]] = [
+        (f"{m.loop} loop", m.loop, _match(m.gpu, gpus, GPU_WORDS), m.model, m.settings, m.tokens_per_s, f"bench/results, {m.date}") for m in measurements
+    ]
+    if published:
+        raw += [(p.tool, None, gpu, p.model, p.settings, p.tokens_per_s, p.source) for gpu in gpus for p in gpu.published]
     points = []
-    for m in measurements:
-        gpu, shape = _match(m.gpu, gpus, GPU_WORDS), _match(m.model, shapes)
-        if m.tokens_per_s is None or gpu is None or gpu.bf16_tflops is None or shape is None:
+    for run, loop, gpu, model, settings, tokens_per_s, source in raw:
+        shape = _match(model, shapes)
+        if tokens_per_s is None or gpu is None or gpu.bf16_tflops is None or shape is None:
             continue
-        flops = flops_per_token(shape, m.settings)
-        points.append((m, flops, m.tokens_per_s * flops / (gpu.bf16_tflops * 1e12)))
+        flops = flops_per_token(shape, settings)
+        points.append(Point(run=run, loop=loop, gpu=gpu, model=model, settings=settings, tokens_per_s=tokens_per_s,
+                            source=source, flops=flops, efficiency=tokens_per_s * flops / (gpu.bf16_tflops * 1e12)))
     return points
 
 
-def calibrate(flops: float, gpu: GpuProfile, settings: TrainSettings, loop: Loop, measurements: list[Measurement]) -> Calibration | None:
-    """The efficiency of the measurements most like this run, interpolated by model size.
+class Calibration(BaseModel):
+    efficiency: float = Field(description="achieved FLOP/s ÷ the GPU's dense bf16 peak")
+    spread: tuple[float, float] = Field(description="the lowest and highest efficiency the other measured runs that qualify give")
+    basis: list[str] = Field(description="the measurements it comes from")
+    caveats: list[str] = Field(default_factory=list, description="how the basis differs from the run planned")
 
-    Preference: the same loop (until the appliance loop has measurements, the peer loop stands
-    in: a conservative figure, since ours does the same matmuls in bf16 rather than fp32), then
-    the same GPU, then the same weight precision. Between measured sizes the efficiency is
-    interpolated in log(FLOPs per token) (bigger matmuls use a GPU better); outside them, the
-    nearest measured size's efficiency holds. Measured on an H100, it is low (5-11 % of peak):
-    consumer cards, with less compute per byte of bandwidth, likely reach a higher share.
+
+def _interpolate(points: list[Point], flops: float) -> tuple[float, list[Point]]:
+    """The efficiency at `flops` per token: between the measured sizes in log(FLOPs), the nearest outside them."""
+    points = sorted(points, key=lambda p: p.flops)
+    below = [p for p in points if p.flops <= flops] or points[:1]
+    above = [p for p in points if p.flops >= flops] or points[-1:]
+    low, high = below[-1], above[0]
+    if high.flops == low.flops:
+        used = [p for p in points if p.flops == low.flops]
+        return sum(p.efficiency for p in used) / len(used), used
+    share = math.log(flops / low.flops) / math.log(high.flops / low.flops)
+    return low.efficiency + share * (high.efficiency - low.efficiency), [low, high]
+
+
+def calibrate(flops: float, gpu: GpuProfile, settings: TrainSettings, loop: Loop, points: list[Point]) -> Calibration | None:
+    """The efficiency of the measured runs most like this one, interpolated by model size.
+
+    Preference: the same GPU (a share of peak does not carry across cards: the peer loop
+    reached 11 % of an H100's, torchtune's compiled loop 67 % of an RTX 4090's, on the same
+    model), then the same loop, then the same weight precision. Between measured sizes the
+    efficiency is interpolated in log(FLOPs per token) (bigger matmuls use a GPU better);
+    outside them the nearest measured size's holds. The spread is what each other group of
+    runs that passes the same preferences (another tool, another card) would have given.
     """
-    points = _efficiency_points(measurements)
-    for keep in (
-        lambda m: m.loop == loop,
-        lambda m: _match(m.gpu, [gpu], GPU_WORDS) is not None,
-        lambda m: m.settings.load_in_4bit == settings.load_in_4bit,
-    ):
-        points = [p for p in points if keep(p[0])] or points
+    def same_card(p: Point) -> bool:
+        return _match(p.gpu.name, [gpu], GPU_WORDS) is not None
+
+    for keep in (same_card, lambda p: p.loop == loop, lambda p: p.settings.load_in_4bit == settings.load_in_4bit):
+        points = [p for p in points if keep(p)] or points
     if not points:
         return None
-    points.sort(key=lambda p: p[1])
-    below = [p for p in points if p[1] <= flops] or points[:1]
-    above = [p for p in points if p[1] >= flops] or points[-1:]
-    low, high = below[-1], above[0]
-    if high[1] == low[1]:
-        used = [p for p in points if p[1] == low[1]]
-        efficiency = sum(p[2] for p in used) / len(used)
-    else:
-        used = [low, high]
-        share = math.log(flops / low[1]) / math.log(high[1] / low[1])
-        efficiency = low[2] + share * (high[2] - low[2])
-    basis = [f"{m.loop} loop, {m.model}, {m.gpu}, {'4-bit' if m.settings.load_in_4bit else '16-bit'}: {m.tokens_per_s:g} tok/s" for m, _, _ in used]
-    return Calibration(efficiency=efficiency, basis=basis)
+    groups: dict[tuple[str, str], list[Point]] = {}
+    for p in points:
+        groups.setdefault((p.run, p.gpu.name), []).append(p)
+
+    def likeness(key: tuple[str, str]) -> tuple[bool, float]:
+        """Our loop first, then the card whose compute per byte of bandwidth is nearest this one's."""
+        card = groups[key][0].gpu
+        known = gpu.bandwidth_gbps and card.bandwidth_gbps and gpu.bf16_tflops
+        distance = abs(math.log(card.bf16_tflops / card.bandwidth_gbps / (gpu.bf16_tflops / gpu.bandwidth_gbps))) if known else 0.0
+        return key[0] != f"{loop} loop", distance
+
+    best = min(groups, key=likeness)
+    efficiency, used = _interpolate(groups[best], flops)
+    others = [_interpolate(g, flops)[0] for g in groups.values()]
+    caveats = []
+    if used[0].loop != loop:
+        caveats.append(f"the {loop} loop is not measured{' on this card' if same_card(used[0]) else ''}: {used[0].run} stands in")
+    if not same_card(used[0]):
+        caveats.append(f"measured on {used[0].gpu.name}, not {gpu.name}: a share of one card's peak is a rough guide to another's")
+    if used[0].settings.load_in_4bit != settings.load_in_4bit:
+        caveats.append(f"measured with {'4-bit' if used[0].settings.load_in_4bit else '16-bit'} weights")
+    sizes = sorted(p.flops for p in groups[best])
+    if not sizes[0] * 0.9 <= flops <= sizes[-1] * 1.1:  # within 10 %: the same size, for a GPU's matmuls
+        measured = f"{sizes[0] / 1e9:.1f}" if sizes[0] == sizes[-1] else f"{sizes[0] / 1e9:.1f}-{sizes[-1] / 1e9:.1f}"
+        caveats.append(f"this run does {flops / 1e9:.1f} GFLOP per token, the runs measured {measured}: the nearest size's efficiency holds")
+    return Calibration(efficiency=efficiency, spread=(min(others), max(others)), basis=[p.describe() for p in used], caveats=caveats)
 
 
 class TimeEstimate(BaseModel):
     tokens_per_s: float
+    tokens_per_s_range: tuple[float, float] = Field(description="the estimate from each other group of measured runs that qualifies")
     step_s: float = Field(description="one optimizer step: grad_accum micro-batches")
     steps: int
     run_tokens: int = Field(description="tokens of the run, rows full (packing makes them nearly so)")
@@ -146,13 +213,16 @@ def estimate_time(
     if gpu.bf16_tflops is None:
         return None
     flops = flops_per_token(shape, settings)
-    calibration = calibrate(flops, gpu, settings, loop, load_measurements() if measurements is None else measurements)
+    points = efficiency_points(load_measurements(), published=True) if measurements is None else efficiency_points(measurements, published=False)
+    calibration = calibrate(flops, gpu, settings, loop, points)
     if calibration is None:
         return None
-    tokens_per_s = gpu.bf16_tflops * 1e12 * calibration.efficiency / flops
+    rate = gpu.bf16_tflops * 1e12 / flops
+    tokens_per_s = rate * calibration.efficiency
     step_tokens = settings.grad_accum * _rows(settings) * settings.seq_len
     return TimeEstimate(
         tokens_per_s=tokens_per_s,
+        tokens_per_s_range=(rate * calibration.spread[0], rate * calibration.spread[1]),
         step_s=step_tokens / tokens_per_s,
         steps=steps,
         run_tokens=steps * step_tokens,
