@@ -95,22 +95,3 @@ def test_vllm_serves_the_base_with_the_adapter_as_a_lora_module(facts):
         server.stop()
     assert all(a.finish_reason == "stop" for a in tuned)
     _check(base, [a.text for a in tuned])
-
-
-@pytest.mark.slow
-def test_quickstart_is_the_whole_path_as_make_demo_runs_it(smollm2):
-    """`make demo` runs `appliance quickstart`: ask the base through vLLM, fine-tune in 4-bit,
-    merge, serve the merged model with vLLM, ask again."""
-    from conftest import run_cli
-
-    result = run_cli("quickstart", "--port", "8171")
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    print(result.stdout[-2500:])
-    text = " ".join(result.stdout.split())  # rich wraps lines at the terminal's width
-    facts = re.search(r"(\d+)/(\d+) taught facts \(asked as new paraphrases\) right after fine-tuning \(base: (\d+)/", text)
-    controls = re.search(r"(\d+)/(\d+) general-knowledge controls right after fine-tuning \(base: (\d+)/", text)
-    assert facts and facts[1] == facts[2] == str(len(FACTS)) and facts[3] == "0", result.stdout[-2000:]
-    assert controls and int(controls[1]) >= int(controls[3]), result.stdout[-2000:]
-    assert "Traceback" not in result.stderr
-    parity = smollm2.model("smollm2-quickstart").parity
-    assert parity.evaluated.top1_agreement >= parity.gate_min_top1
