@@ -127,7 +127,7 @@ def load_base(model_dir: Path, spec: ModelSpec, device: str, dtype, *, task: str
 
     kwargs: dict[str, Any] = {
         "dtype": dtype,
-        "device_map": {"": 0} if device == "cuda" else {"": "cpu"},
+        "device_map": {"": torch.cuda.current_device()} if device == "cuda" else {"": "cpu"},  # a rank's own GPU
         "attn_implementation": "sdpa",
         "trust_remote_code": False,
         "use_safetensors": True,

@@ -119,12 +119,19 @@ def save(
     metric: float | None,
     *,
     before_write: Callable[[int], None] | None = None,
+    rank_rngs: list[tuple[dict[str, Any], dict[str, Any]]] | None = None,
 ) -> Path:
+    """Write a checkpoint; `rank_rngs` holds every rank's RNG states (rank 0's are its own)."""
     from safetensors.torch import save_file
 
     opt_tensors: dict[str, Any] = {}
     opt_structure = flatten(optimizer_state, opt_tensors)
     rng_tensors, rng_json = rng_state()
+    rng_json = {**rng_json, "ranks": {}}
+    for rank, (tensors, py) in enumerate(rank_rngs or []):
+        if rank:
+            rng_tensors.update({f"rank{rank}.{k}": v for k, v in tensors.items()})
+            rng_json["ranks"][str(rank)] = py
     adapter_cpu = {k: v.detach().contiguous().cpu() for k, v in adapter.items()}
     if before_write is not None:
         size = sum(t.numel() * t.element_size() for t in [*adapter_cpu.values(), *opt_tensors.values()])
@@ -151,8 +158,9 @@ def verify(path: Path) -> str | None:
     return None
 
 
-def load(path: Path) -> tuple[TrainState, dict[str, Any], dict[str, Any]]:
-    """(train state, adapter tensors, optimizer state) of a verified checkpoint; restores RNG states."""
+def load(path: Path, rank: int = 0) -> tuple[TrainState, dict[str, Any], dict[str, Any]]:
+    """(train state, adapter tensors, optimizer state) of a verified checkpoint; restores the RNG
+    states of `rank` (rank 0's where the run had fewer ranks)."""
     from safetensors.torch import load_file
 
     state_json = read_json(path / "state.json")
@@ -160,7 +168,12 @@ def load(path: Path) -> tuple[TrainState, dict[str, Any], dict[str, Any]]:
     adapter = load_file(str(path / "adapter.safetensors"))
     tensors = load_file(str(path / "optimizer.safetensors"))
     optimizer_state = unflatten(json.loads((path / "optimizer.json").read_text()), tensors)
-    set_rng_state(tensors, state_json["rng"])
+    ranks = state_json["rng"].get("ranks", {})
+    if rank and str(rank) in ranks:
+        prefix = f"rank{rank}."
+        set_rng_state({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}, {"python": ranks[str(rank)]["python"]})
+    else:
+        set_rng_state(tensors, state_json["rng"])
     return state, adapter, optimizer_state
 
 

@@ -20,6 +20,9 @@ class RunStarted:
     total_params: int
     optimizer: str
     resumed_from: str | None = None
+    ranks: int = 1  # data-parallel processes (torchrun); each takes batch_size examples per micro-batch
+    batch_size: int = 1
+    grad_accum: int = 1
 
 
 @dataclass

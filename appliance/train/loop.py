@@ -25,6 +25,7 @@ from appliance.hf import compute_dtype, load_base, load_tokenizer, quiet_librari
 from appliance.registry import AdapterManifest, Registry
 from appliance.store import MANIFEST, atomic_dir, ensure_free_space, read_json
 from appliance.train import checkpoint as ckpt
+from appliance.train import distributed
 from appliance.train.events import CheckpointSaved, EvalDone, EventSink, Note, PhaseChanged, RunStarted, StepDone, ignore
 from appliance.train.folder import RunFolder
 from appliance.train.model import attach_lora, checkpointing_for, prepare_for_training, trainable_parameters
@@ -63,7 +64,8 @@ class TrainingRun:
         self.adapter_name = adapter_name
         self.resume = resume
         self.overwrite = overwrite
-        self.emit = events
+        self.ranks = distributed.from_environment()
+        self.emit = events if self.ranks.main else ignore  # rank 0 alone shows and writes
         self.folder = RunFolder(registry.run_dir(adapter_name))
         self.run_dir = self.folder.path
         self.checkpoint_root = self.folder.checkpoints
@@ -95,10 +97,14 @@ class TrainingRun:
 
     def setup(self) -> None:
         """Model, data, optimizer: everything the loop needs, on this object."""
+        distributed.start(self.ranks, resolve_device(self.cfg.train.device, detect()))
         self.check_names()
+        distributed.barrier(self.ranks)  # every rank has read the folder before rank 0 changes it
         quiet_libraries()
         model_dir = self.resolve_model()
-        self.prepare_run_dir()
+        if self.ranks.main:
+            self.prepare_run_dir()
+        distributed.barrier(self.ranks)
         data, pad_id = self.load_data(model_dir)
         self.build(model_dir, data, pad_id)
 
@@ -143,11 +149,13 @@ class TrainingRun:
         self.load_s = time.time() - started
         self.adapter_params = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
         self.objective: Objective = objective_for(cfg.task, pad_id, cfg.train.packing, cfg)
+        # The plan deals global micro-batches (every rank's examples); each rank takes its share.
+        global_batch = cfg.train.batch_size * self.ranks.world
         if self.data.mixture is not None:
             replay = cfg.data.replay.fraction if cfg.data.replay else 0.0
-            self.plan = MixturePlan(self.data.mixture, cfg.train.batch_size, cfg.train.seed, examples_per_epoch(self.data, replay))
+            self.plan = MixturePlan(self.data.mixture, global_batch, cfg.train.seed, examples_per_epoch(self.data, replay))
         else:
-            self.plan = MicroBatchPlan(len(self.data.train), cfg.train.batch_size, cfg.train.seed)
+            self.plan = MicroBatchPlan(len(self.data.train), global_batch, cfg.train.seed)
         self.total_steps = self._total_steps()
         self.layer_groups = layer_groups(self.adapter_params, cfg.train.unfreeze)
         self.warmup_steps = int(cfg.train.warmup) if cfg.train.warmup >= 1 else int(round(cfg.train.warmup * self.total_steps))
@@ -197,8 +205,10 @@ class TrainingRun:
         size = self.cfg.train.batch_size
         return [self.objective.collate([e.item for e in items[i : i + size]]) for i in range(0, len(items), size)]
 
-    def _micro_batch(self, k: int) -> Batch:
-        return self.objective.collate([self.data.train[i].item for i in self.plan(k)])
+    def _micro_batch(self, k: int) -> Batch | None:
+        """This rank's share of global micro-batch k (None when the batch has fewer examples than ranks)."""
+        share = self.ranks.share(self.plan(k))
+        return self.objective.collate([self.data.train[i].item for i in share]) if share else None
 
     # -- checkpoints -----------------------------------------------------------------
 
@@ -206,17 +216,22 @@ class TrainingRun:
         def room(nbytes: int) -> None:
             ensure_free_space(self.checkpoint_root, nbytes, f"the checkpoint at step {self.state.step}")
 
-        path = ckpt.save(
-            self.checkpoint_root,
-            self.state,
-            self.adapter_params,
-            self.optimizer.state_dict(),
-            metric,
-            before_write=room,
-        )
-        best = self.checkpoint_root / f"{ckpt.PREFIX}{self.state.best_step:08d}" if self.state.best_step is not None else None
-        ckpt.prune(self.checkpoint_root, self.cfg.train.keep_checkpoints, best)
-        self.emit(CheckpointSaved(self.state.step, str(path), reason))
+        rank_rngs = distributed.gather(self.ranks, ckpt.rng_state())  # every rank's, for an exact resume
+        path = self.checkpoint_root / f"{ckpt.PREFIX}{self.state.step:08d}"
+        if self.ranks.main:  # the adapter and optimizer are the same on every rank
+            path = ckpt.save(
+                self.checkpoint_root,
+                self.state,
+                self.adapter_params,
+                self.optimizer.state_dict(),
+                metric,
+                before_write=room,
+                rank_rngs=rank_rngs,
+            )
+            best = self.checkpoint_root / f"{ckpt.PREFIX}{self.state.best_step:08d}" if self.state.best_step is not None else None
+            ckpt.prune(self.checkpoint_root, self.cfg.train.keep_checkpoints, best)
+            self.emit(CheckpointSaved(self.state.step, str(path), reason))
+        distributed.barrier(self.ranks)
         return path
 
     def load_checkpoint(self) -> str:
@@ -229,7 +244,7 @@ class TrainingRun:
             if problem:
                 self.emit(Note(f"checkpoint {path.name} is damaged ({problem}); falling back to the one before", "warning"))
                 continue
-            state, adapter, optimizer_state = ckpt.load(path)
+            state, adapter, optimizer_state = ckpt.load(path, self.ranks.rank)
             saved_optimizer = state.extra.get("optimizer", self.optimizer_name)
             if saved_optimizer != self.optimizer_name:
                 raise ApplianceError(
@@ -244,7 +259,7 @@ class TrainingRun:
             if self.scaler is not None and "loss_scale" in state.extra:
                 self.scaler.load_state_dict(state.extra["loss_scale"])
             self.state = state
-            self.history = self.folder.truncate_metrics(state.step)
+            self.history = self.folder.truncate_metrics(state.step) if self.ranks.main else []
             return path.name
         raise ApplianceError(
             f"No checkpoint of {self.adapter_name!r} verifies (all damaged).",
@@ -253,7 +268,8 @@ class TrainingRun:
 
     def _log(self, record: dict[str, Any]) -> None:
         self.history.append(record)
-        self.folder.log(record)
+        if self.ranks.main:
+            self.folder.log(record)
 
     # -- the loop --------------------------------------------------------------------
 
@@ -296,12 +312,16 @@ class TrainingRun:
 
         t = self.cfg.train
         micro = [self._micro_batch(self.state.micro_batches + i) for i in range(t.grad_accum)]
-        units = sum(self.objective.units(b) for b in micro) or 1
+        # Every rank divides by the whole global batch's units, so the summed gradient is a single process's.
+        (units,) = distributed.total(self.ranks, [sum(self.objective.units(b) for b in micro if b is not None)])
+        units = units or 1
         factor = schedule_factor(self.state.step, self.total_steps, self.warmup_steps, t.schedule)
         for group in self.optimizer.param_groups:
             group["lr"] = group.get("initial_lr", t.lr) * factor
         loss_total, stats_total = 0.0, {}
         for batch in micro:
+            if batch is None:
+                continue
             tensors = {k: v.to(self.device) for k, v in batch.tensors.items()}
             loss_sum, stats = self.objective.loss_sum(self.model, tensors)
             loss = loss_sum / units
@@ -310,6 +330,7 @@ class TrainingRun:
             for k, v in stats.items():
                 stats_total[k] = stats_total.get(k, 0.0) + v / len(micro)
         params = [p for p in self.adapter_params.values() if p.requires_grad]
+        distributed.sum_gradients(self.ranks, params)
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm if t.max_grad_norm > 0 else float("inf"))
@@ -322,14 +343,18 @@ class TrainingRun:
         self.optimizer.zero_grad(set_to_none=True)
         self.state.micro_batches += t.grad_accum
         self.state.step += 1
-        useful = sum(b.useful_tokens for b in micro)
-        self.state.tokens_seen += useful
+        mine = [b for b in micro if b is not None]
+        # The figures of the global batch; objective-specific figures (stats) are rank 0's own.
+        loss_total, useful, trained = distributed.total(
+            self.ranks, [loss_total, sum(b.useful_tokens for b in mine), sum(b.trained_tokens for b in mine)]
+        )
+        self.state.tokens_seen += int(useful)
         return {
             "loss": loss_total / units,
             "lr": t.lr * factor,
             "grad_norm": float(grad_norm),
-            "useful_tokens": useful,
-            "trained_tokens": sum(b.trained_tokens for b in micro),
+            "useful_tokens": int(useful),
+            "trained_tokens": int(trained),
             **stats_total,
         }
 
@@ -383,7 +408,9 @@ class TrainingRun:
                 if self._after_eval(self.evaluate()):
                     self.emit(Note(f"early stopping: no improvement in {t.early_stopping_patience} evaluations"))
                     return True
-            if signals.received is not None:
+            # All ranks stop at the same step, or their collectives would wait on each other forever.
+            (stopping,) = distributed.total(self.ranks, [0.0 if signals.received is None else 1.0])
+            if stopping:
                 path = self.save_checkpoint("interrupted")
                 raise TrainingInterrupted(130 if signals.received == signal.SIGINT else 143, str(path))
             if t.save_every and self.state.step % t.save_every == 0 and not last:
@@ -457,6 +484,9 @@ class TrainingRun:
                 total,
                 self.optimizer_name,
                 resumed,
+                self.ranks.world,
+                self.cfg.train.batch_size,
+                self.cfg.train.grad_accum,
             )
         )
         if self.cfg.train.unfreeze is None:
@@ -479,7 +509,11 @@ class TrainingRun:
             if best_step is not None:
                 metrics["best_step"] = best_step
             self.save_checkpoint("final", final_eval.get(self.objective.metric))
-            adapter_dir = self.save_adapter(metrics, self.state.elapsed_s)
+            if self.ranks.main:
+                self.save_adapter(metrics, self.state.elapsed_s)
+            distributed.barrier(self.ranks)
+            adapter_dir = self.adapter_dir
+        distributed.stop(self.ranks)
         return TrainResult(
             self.adapter_name, adapter_dir, self.run_dir, self.state.step, metrics, self.state.elapsed_s, stopped_early, self.history
         )

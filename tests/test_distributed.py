@@ -1,0 +1,121 @@
+"""Training under torchrun: 2 CPU ranks over gloo, against 1 process with the same global batch.
+
+Both runs compute in fp32 on the same 4-bit base with the same seed and no dropout. The only
+difference is where sums happen: each rank sums its 4 examples, then gloo sums the two ranks'
+gradients (in fp32), where one process sums 8 at once. Reordered fp32 sums differ by a few
+units in the 7th digit; AdamW divides by the root of the squared gradient, which can amplify
+such a difference where a gradient is near zero, so over 6 steps the losses are compared to
+1e-3 relative: far tighter than a difference in data (another batch moves the loss by ~1e-1).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+
+from conftest import DEMO, REPO, run_cli
+
+STEPS = 6
+COMMON = ["--model", "tiny", "--data", str(DEMO / "facts.jsonl"), "--steps", str(STEPS), "--lr", "1e-3", "--save-every", "2",
+          "--set", "lora.dropout=0", "--set", "model.compute_dtype=float32", "--set", "data.val=2"]
+ONE_BY_TWO = {"OMP_NUM_THREADS": "1"}
+
+
+def _losses(store, name):
+    lines = (store.run_dir(name) / "metrics.jsonl").read_text().splitlines()
+    return {r["step"]: r["loss"] for r in map(json.loads, lines) if "loss" in r}
+
+
+@pytest.fixture
+def one_and_two(tiny):
+    one = run_cli("train", *COMMON, "--name", "one", "--batch-size", "8", env=ONE_BY_TWO)
+    assert one.returncode == 0, one.stdout[-2000:] + one.stderr[-2000:]
+    two = run_cli("train", *COMMON, "--name", "two", "--batch-size", "4", "--nproc-per-node", "2", env=ONE_BY_TWO)
+    assert two.returncode == 0, two.stdout[-2000:] + two.stderr[-2000:]
+    return tiny, one, two
+
+
+def test_two_ranks_of_batch_4_follow_one_process_of_batch_8_and_leave_an_ordinary_adapter(one_and_two):
+    store, _, two = one_and_two
+    one_curve, two_curve = _losses(store, "one"), _losses(store, "two")
+    assert sorted(one_curve) == sorted(two_curve) == list(range(1, STEPS + 1))
+    for step in one_curve:
+        assert two_curve[step] == pytest.approx(one_curve[step], rel=1e-3), (step, one_curve, two_curve)
+    assert len(set(one_curve.values())) > 1  # it trains: the loss moves
+    # One dashboard (rank 0's), showing the global batch.
+    assert two.stdout.count("adapter saved") == 1 and "global batch 4 × 2 ranks × 1 = 8 examples per step" in " ".join(two.stdout.split())
+    # The adapter is an ordinary one: the same tensors as one process's, and it merges.
+    from safetensors import safe_open
+
+    def tensors(name):
+        with safe_open(str(store.adapter_dir(name) / "adapter_model.safetensors"), "pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}
+
+    one, two = tensors("one"), tensors("two")
+    assert one.keys() == two.keys()
+    assert all(one[k].shape == two[k].shape and (one[k] - two[k]).abs().max() < 1e-2 for k in one)
+    merged = run_cli("merge", "two", "--name", "two-merged", env=ONE_BY_TWO)
+    assert merged.returncode == 0, merged.stdout[-2000:] + merged.stderr[-2000:]
+    assert store.model("two-merged").parity.evaluated.top1_agreement >= store.model("two-merged").parity.gate_min_top1
+
+
+def _rank_processes(launcher: subprocess.Popen) -> dict[int, psutil.Process]:
+    found = {}
+    for child in psutil.Process(launcher.pid).children(recursive=True):
+        try:
+            rank = child.environ().get("RANK")
+        except (psutil.Error, OSError):
+            continue
+        if rank is not None and "appliance" in " ".join(child.cmdline()):
+            found[int(rank)] = child
+    return found
+
+
+@pytest.mark.fault
+def test_a_killed_rank_stops_the_run_and_resume_continues_the_curve(tiny):
+    """SIGKILL rank 1 after a checkpoint: one message, exit 1, nothing half-written; --resume
+    continues and ends on the curve of a run that was never interrupted."""
+    args = ["train", *COMMON, "--name", "k", "--batch-size", "4", "--nproc-per-node", "2", "--steps", "12"]
+    whole = run_cli(*[a if a != "k" else "whole" for a in args], env=ONE_BY_TWO)
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    launcher = subprocess.Popen([sys.executable, "-m", "appliance", *args], cwd=REPO, env={**os.environ, **ONE_BY_TWO},
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    checkpoints = tiny.run_dir("k") / "checkpoints"
+    deadline = time.time() + 600
+    while time.time() < deadline and not (checkpoints.is_dir() and any(p.name.startswith("step-") for p in checkpoints.iterdir())):
+        assert launcher.poll() is None, launcher.communicate()
+        time.sleep(0.2)
+    _rank_processes(launcher)[1].send_signal(signal.SIGKILL)
+    out, err = launcher.communicate(timeout=300)
+    assert launcher.returncode == 1, out[-2000:] + err[-2000:]
+    assert "Rank 1 of the run was killed by SIGKILL" in " ".join(err.split()) and "--resume" in err and "Traceback" not in err, err[-6000:]
+    assert not (tiny.store.root / "adapters" / "k").exists()
+    assert not [p for p in checkpoints.iterdir() if not p.name.startswith("step-")]  # no half-written checkpoint
+    resumed = run_cli(*args, "--resume", env=ONE_BY_TWO)
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
+    whole_curve, resumed_curve = _losses(tiny, "whole"), _losses(tiny, "k")
+    assert sorted(resumed_curve) == list(range(1, 13))
+    for step in whole_curve:
+        assert resumed_curve[step] == pytest.approx(whole_curve[step], rel=1e-5), step
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize(
+    "flags, words",
+    [
+        (["--nproc-per-node", "0"], "--nproc-per-node"),
+        (["--nnodes", "2", "--node-rank", "2", "--master-addr", "10.0.0.1", "--master-port", "29500"], "--node-rank 0 to 1"),
+        (["--nnodes", "2"], "--master-addr HOST --master-port PORT"),
+    ],
+)
+def test_launch_mistakes(tiny, flags, words):
+    proc = run_cli("train", *COMMON, "--name", "bad", *flags)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 2 and words in " ".join(out.split()) and "Traceback" not in out, out
