@@ -400,3 +400,19 @@ def test_planning_a_run_on_this_machines_cpu():
     if not torch.cuda.is_available():
         default = json.loads(run_cli("plan", "--model", "smollm2-135m", "--json").stdout)
         assert default["gpu"] == result["gpu"]
+
+
+def test_data_parallel_plans_each_gpu_as_one_card_plus_the_all_reduce_and_says_the_speed_is_ideal():
+    """torchrun DDP: every rank holds the whole 4-bit base, so memory per GPU is one card's plus
+    the flat fp32 gradient buffer the all-reduce sends; a step takes N times the tokens."""
+    one = json.loads(run_cli("plan", "--model", "llama-3.1-8b", "--gpu", "4090", "--json").stdout)
+    two = json.loads(run_cli("plan", "--model", "llama-3.1-8b", "--gpu", "4090", "--gpus", "2", "--json").stdout)
+    buffer = two["parts"]["allreduce_buffer"]
+    assert "allreduce_buffer" not in one["parts"] and buffer == pytest.approx(one["parts"]["lora_weights"], abs=1e-3)
+    # The buffer, and the allocator's rounding of it (the plan rounds each block up as PyTorch does).
+    assert buffer <= two["total_gib"] - one["total_gib"] <= 1.25 * buffer
+    assert two["time"]["tokens_per_s"] == pytest.approx(2 * one["time"]["tokens_per_s"], rel=1e-6)
+    assert two["time"]["run_tokens"] == 2 * one["time"]["run_tokens"] and two["time"]["run_s"] == pytest.approx(one["time"]["run_s"], rel=1e-6)
+    assert any("2 GPUs data-parallel" in c and "not measured" in c for c in two["time"]["calibration"]["caveats"])
+    table = run_cli("plan", "--model", "llama-3.1-8b", "--gpu", "4090", "--gpus", "2")
+    assert table.returncode == 0 and "per GPU of 2 (torchrun, data-parallel)" in " ".join(table.stdout.split())

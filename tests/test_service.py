@@ -249,3 +249,97 @@ def test_the_gpu_unit_keeps_every_cache_in_its_folder_allows_wsl2_and_starts_aft
     (dev / "nvidia0").touch()
     lines = _gpu_device_lines(dev)
     assert "DeviceAllow=/dev/dxg rw" in lines and "DeviceAllow=/dev/nvidia0 rw" in lines
+
+
+def _split_units(output: str) -> dict[str, str]:
+    """`service install --dry-run` prints each file under a '# --- PATH' line."""
+    files, name = {}, None
+    for line in output.splitlines():
+        if line.startswith("# --- "):
+            name = line[6:].split(" ")[0].rsplit("/", 1)[-1]
+            files[name] = ""
+        elif name:
+            files[name] += line + "\n"
+    return files
+
+
+def _analyze(folder, name: str, text: str) -> tuple[subprocess.CompletedProcess, float]:
+    """systemd-analyze on a unit written as `name` in `folder`, where the units it requires lie too."""
+    unit = folder / name
+    unit.parent.mkdir(parents=True, exist_ok=True)
+    unit.write_text(text)
+    verify = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True)
+    security = subprocess.run(["systemd-analyze", "security", "--offline=yes", str(unit)], capture_output=True, text=True)
+    return verify, float(re.search(r"Overall exposure level for .*: ([0-9.]+)", security.stdout).group(1))
+
+
+def test_across_machines_the_head_and_worker_units_run_vllms_ray_backend(tiny, tmp_path, monkeypatch):
+    """The head renders a Ray head unit and a vLLM unit that starts after it, with vLLM's tensor and
+    pipeline flags and its Ray backend; a worker machine renders a Ray worker that joins the head.
+    Both pass systemd-analyze; the vLLM unit's exposure stays as low as the one-machine unit's."""
+    import os
+    import sys
+
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+    # systemd-analyze verify checks that ExecStart's program exists: an interpreter folder with `ray`
+    # beside it, as `pip install '.[cluster]'` leaves one (Ray itself is not installed here).
+    venv = tmp_path / "venv" / "bin"
+    venv.mkdir(parents=True)
+    os.symlink(sys.executable, venv / "python")
+    (venv / "ray").write_text("#!/bin/sh\n")
+    (venv / "ray").chmod(0o755)
+    python = str(venv / "python")
+    head = CliRunner().invoke(main, ["service", "install", "tiny", "--ray-head", "--tensor-parallel-size", "2",
+                                     "--pipeline-parallel-size", "2", "--python", python, "--dry-run"])
+    assert head.exit_code == 0, head.output
+    units = _split_units(head.output)
+    vllm, ray_head = units["appliance-vllm.service"], units["appliance-ray.service"]
+    exec_start = unit_value(vllm, "ExecStart")
+    assert "--tensor-parallel-size 2 --pipeline-parallel-size 2 --distributed-executor-backend ray" in exec_start
+    assert "Requires=appliance-ray.service" in vllm and "After=appliance-ray.service" in vllm
+    assert "IPAddressDeny" not in vllm  # the workers on other machines must reach it
+    assert "RAY_ADDRESS=127.0.0.1:6379" in units["service.env"]
+    assert unit_value(ray_head, "ExecStart").startswith(f"{venv / 'ray'} start --block") and "--head --port 6379" in ray_head
+    worker = CliRunner().invoke(main, ["service", "install", "--ray-address", "10.0.0.1:6379", "--python", python, "--dry-run"])
+    assert worker.exit_code == 0, worker.output
+    ray_worker = _split_units(worker.output)["appliance-ray.service"]
+    assert "--address 10.0.0.1:6379" in unit_value(ray_worker, "ExecStart") and "--head" not in ray_worker
+    one_machine = _split_units(CliRunner().invoke(main, ["service", "install", "tiny", "--python", python, "--dry-run"]).output)
+    scores = {}
+    for machine, name, text in (("head", "appliance-ray.service", ray_head), ("head", "appliance-vllm.service", vllm),
+                                ("one", "appliance-vllm.service", one_machine["appliance-vllm.service"]),
+                                ("worker", "appliance-ray.service", ray_worker)):
+        verify, scores[f"{machine}/{name}"] = _analyze(tmp_path / machine, name, text)
+        assert verify.returncode == 0, (machine, name, verify.stderr)
+    print(f"\nexposure: {scores}")
+    assert scores["head/appliance-vllm.service"] <= scores["one/appliance-vllm.service"] + 0.3 and max(scores.values()) <= 3.5, scores
+    assert not (tmp_path / "config").exists()
+
+
+def test_tensor_parallel_on_more_gpus_than_the_machine_has_is_refused_unless_ray_spreads_it(tiny):
+    from appliance.hardware import nvidia_smi_gpus
+
+    here = len(nvidia_smi_gpus())
+    with pytest.raises(ApplianceError, match=f"needs {here + 1} GPUs; this machine has {here}"):
+        build_spec(tiny, "tiny", device="cuda", tensor_parallel_size=here + 1)
+    spec = build_spec(tiny, "tiny", device="cuda", tensor_parallel_size=here + 1, ray_address="10.0.0.1:6379")
+    assert spec.devices_used == here + 1
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["serve", "tiny", "--ray-address", "head-without-port"], "is not HOST:PORT"),
+        (["serve", "tiny", "--ray-address", "10.0.0.1:6379"], "pip install '.[cluster]'"),
+        (["service", "install", "--ray-head", "--dry-run"], "Which model should the service serve?"),
+        (["service", "install", "tiny", "--ray-head", "--ray-address", "10.0.0.1:6379", "--dry-run"], "pass one of them"),
+        (["serve", "tiny", "--tensor-parallel-size", "0"], "--tensor-parallel-size"),
+    ],
+)
+def test_parallel_serving_mistakes(tiny, args, words):
+    from conftest import run_cli
+
+    proc = run_cli(*args)
+    out = " ".join(re.sub("[│╭╮╰╯─]", " ", proc.stdout + proc.stderr).split())
+    assert proc.returncode == 2 and words in out and "Traceback" not in out, out

@@ -26,8 +26,10 @@ DEFAULT_STEPS = 1000  # for the time estimate when the recipe counts epochs
 @click.option("--16bit", "sixteen_bit", is_flag=True, help="plan LoRA over 16-bit weights instead of QLoRA")
 @click.option("--loop", type=click.Choice(["appliance", "peer"]), default="appliance", show_default=True,
               help="peer: the plain transformers + peft + bitsandbytes loop, for comparison")
+@click.option("--gpus", type=click.IntRange(1), default=1, show_default=True,
+              help="train on this many such GPUs under torchrun (data-parallel: memory is per GPU, --batch-size per GPU)")
 @json_option
-def plan(model, gpu, gpu_memory, recipe, config_file, sets, seq_len, batch_size, rank, steps, sixteen_bit, loop, as_json) -> None:
+def plan(model, gpu, gpu_memory, recipe, config_file, sets, seq_len, batch_size, rank, steps, sixteen_bit, loop, gpus, as_json) -> None:
     """Memory by part, fits or not, the longest sequence and batch that fit, time, and advice.
 
     Nothing is loaded: a store model is planned from its config.json, any other from its
@@ -41,6 +43,12 @@ def plan(model, gpu, gpu_memory, recipe, config_file, sets, seq_len, batch_size,
       appliance plan --model smollm2 --gpu 4090 --seq-len 4096 --batch-size 8 --json
       appliance plan --model ./Llama-3.3-70B-Instruct/config.json --gpu-memory 48
       appliance plan --model smollm2 --gpu cpu
+      appliance plan --model llama-3.1-8b --gpu 4090 --gpus 2
+
+    With --gpus N the plan is for each of N GPUs training data-parallel (DDP, `appliance train
+    --nproc-per-node N`): each holds the whole 4-bit base, so memory per GPU is one card's plus the
+    all-reduce buffer, and a step takes N times the examples. A base too large for one card would
+    need FSDP, which `appliance train` does not do yet.
     """
     from appliance.cli.train import flag_overrides
     from appliance.config import load_run_config
@@ -56,7 +64,7 @@ def plan(model, gpu, gpu_memory, recipe, config_file, sets, seq_len, batch_size,
     cfg = load_run_config(recipe, config_file, sets, flags)
     shape = find_model(model, registry())
     target = gpu_with_memory(gpu_memory) if gpu_memory else find_gpu(gpu) if gpu else detected_gpu() or cpu_profile()
-    settings = settings_from_config(cfg, target.device)
+    settings = settings_from_config(cfg, target.device).model_copy(update={"data_parallel": gpus})
     result = make_plan(shape, target, settings, cfg.train.steps or DEFAULT_STEPS, loop=loop)
     if as_json:
         print_json(result.to_json())
@@ -74,6 +82,7 @@ def show(result) -> None:
     title = (
         f"{e.model} on {e.gpu} ({e.gpu_gib:g} GiB usable of {e.nominal_gib:g}) · {precision} · seq {s.seq_len} × batch {s.batch_size} · "
         f"r{s.rank} · checkpointing {'on' if s.gradient_checkpointing else 'off'} · {e.loop} loop"
+        + (f" · per GPU of {s.data_parallel} (torchrun, data-parallel)" if s.data_parallel > 1 else "")
     )
     table = Table(title=title, title_justify="left", show_footer=True)
     table.add_column("part", footer="total")

@@ -26,6 +26,12 @@ def serve_options(fn):
                          help="share of the GPU vLLM takes (default: 0.90, or 95 % of the memory free now if less)"),
             click.option("--quantization", type=click.Choice(["auto", "none", "fp8", "bitsandbytes"]), default="auto", show_default=True,
                          help="vLLM's in-flight quantization; auto: only when the 16-bit weights do not fit the GPU"),
+            click.option("--tensor-parallel-size", type=click.IntRange(1), default=1, show_default=True,
+                         help="split each layer over this many GPUs (vLLM's tensor parallelism)"),
+            click.option("--pipeline-parallel-size", type=click.IntRange(1), default=1, show_default=True,
+                         help="split the layers into this many stages, a GPU group each (vLLM's pipeline parallelism)"),
+            click.option("--ray-address", metavar="HOST:PORT", default=None,
+                         help="spread over the machines of this Ray cluster (pip install '.[cluster]'; see appliance service install --ray-head)"),
         ]
     ):
         fn = option(fn)
@@ -33,7 +39,8 @@ def serve_options(fn):
 
 
 def spec_from_options(
-    model, adapters, host, port, allow_remote, python, max_model_len, max_lora_rank, max_loras, runtime_adapters, gpu_memory_utilization, quantization
+    model, adapters, host, port, allow_remote, python, max_model_len, max_lora_rank, max_loras, runtime_adapters, gpu_memory_utilization, quantization,
+    tensor_parallel_size=1, pipeline_parallel_size=1, ray_address=None,
 ):
     from appliance import ui
     from appliance.errors import ApplianceError
@@ -59,6 +66,9 @@ def spec_from_options(
         runtime_adapters=runtime_adapters,
         gpu_memory_utilization=gpu_memory_utilization,
         quantization=quantization,
+        tensor_parallel_size=tensor_parallel_size,
+        pipeline_parallel_size=pipeline_parallel_size,
+        ray_address=ray_address,
     )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import time
 
 import click
@@ -16,50 +17,85 @@ def service() -> None:
 
 
 @service.command()
-@click.argument("model")
+@click.argument("model", required=False)
 @serve_options
 @click.option("--system", is_flag=True, help="a system unit (needs root) instead of a user unit")
 @click.option("--run-as", default=None, help="with --system: the user the server runs as (default: $SUDO_USER)")
 @overwrite_option("replace an installed service")
 @click.option("--dry-run", is_flag=True, help="print the unit and env file (key redacted); touch nothing")
 @click.option("--no-wait", is_flag=True, help="return once started, without waiting for /health")
-def install(model, system, run_as, overwrite, dry_run, no_wait, **options) -> None:
+@click.option("--ray-head", is_flag=True, help="also run this machine as the head of a Ray cluster; vLLM spreads over its machines")
+@click.option("--ray-port", type=click.IntRange(1024, 65535), default=6379, show_default=True, help="with --ray-head: the port workers join")
+def install(model, system, run_as, overwrite, dry_run, no_wait, ray_head, ray_port, **options) -> None:
     """Install MODEL (with --adapter A ...) as a service that starts at boot.
 
     LoRA stays enabled (rank limit from the adapters, at least 16) so that
     `appliance adapters load NAME` switches domains without a restart. The API
     key is generated into an env file readable only by you.
 
+    Across machines (vLLM's Ray backend, `pip install '.[cluster]'` on each): on the head,
+    MODEL --ray-head with the parallel sizes; on each other machine, --ray-address HEAD:PORT
+    without MODEL installs a Ray worker that joins it. The model's folder must be at the same
+    path on every machine.
+
     \b
     Examples:
       appliance service install smollm2 --adapter legal --adapter recipes --dry-run
       appliance service install smollm2-facts
       sudo appliance service install smollm2 --system --run-as alice
+      appliance service install llama-70b --ray-head --tensor-parallel-size 2 --pipeline-parallel-size 2
+      appliance service install --ray-address 10.0.0.1:6379            # on the second machine
     """
     from appliance import ui
+    from appliance.errors import ApplianceError
     from appliance.serve import check_port, require_vllm
-    from appliance.serve.service import Paths, install as install_service, new_api_key, redact, render
+    from appliance.serve.process import require_ray
+    from appliance.serve.service import Paths, RAY_UNIT_NAME, install as install_service, install_ray, new_api_key, redact, render, render_ray
 
-    options["runtime_adapters"] = True
-    spec = spec_from_options(model, **options)
     scope = "system" if system else "user"
     store = registry().store
+    paths = Paths.for_scope(scope)
+    python = options["python"] or sys.executable
+    if model is None:
+        if not options["ray_address"] or ray_head:
+            raise ApplianceError("Which model should the service serve?", "appliance service install MODEL (or, on a Ray worker machine, --ray-address HEAD:PORT alone)")
+        # A Ray worker: it serves nothing itself; the head's vLLM places its GPU workers here.
+        rendered = render_ray(python, store, paths, address=options["ray_address"], on_gpu=_gpu_here(), run_as=run_as)
+        if dry_run:
+            click.echo(f"# --- {paths.unit.with_name(RAY_UNIT_NAME)}\n{rendered.unit}")
+            ui.err_console.print("[dim]dry run: nothing was written[/]")
+            return
+        require_ray(python)
+        unit = install_ray(rendered, store, paths)
+        ui.console.print(f"[green]installed[/] {unit}: this machine joins the Ray cluster at {options['ray_address']}")
+        return
+    if ray_head:
+        if options["ray_address"]:
+            raise ApplianceError("--ray-head starts a cluster here; --ray-address joins another.", "pass one of them")
+        options["ray_address"] = f"127.0.0.1:{ray_port}"
+    options["runtime_adapters"] = True
+    spec = spec_from_options(model, **options)
     if scope == "user" and spec.port < 1024:
-        from appliance.errors import ApplianceError
-
         raise ApplianceError(f"Port {spec.port} is privileged: a user unit cannot bind it.", "use a port from 1024 up, or install a system unit (--system)")
     check_port(spec.host, spec.port)  # a unit on a taken port would restart until its start limit, serving nothing
+    ray_rendered = render_ray(python, store, paths, head_port=ray_port, on_gpu=spec.on_gpu, run_as=run_as) if ray_head else None
     if dry_run:
         key = new_api_key()
-        rendered = render(spec, store, Paths.for_scope(scope), key, run_as)
-        paths = Paths.for_scope(scope)
         # Exact file contents, unwrapped, so they can be read and diffed.
+        if ray_rendered:
+            click.echo(f"# --- {paths.unit.with_name(RAY_UNIT_NAME)}\n{ray_rendered.unit}")
+        rendered = render(spec, store, paths, key, run_as, ray_head)
         click.echo(f"# --- {paths.unit}\n{rendered.unit}")
         click.echo(f"# --- {paths.env} (mode 0600)\n{rendered.env.replace(key, redact(key))}")
         ui.err_console.print("[dim]dry run: nothing was written[/]")
         return
     require_vllm(spec.python)
-    record = install_service(spec, store, scope=scope, force=overwrite, run_as=run_as)
+    if spec.ray_address:
+        require_ray(spec.python)
+    record = install_service(spec, store, scope=scope, force=overwrite, run_as=run_as, ray_head=ray_rendered)
+    if ray_rendered:
+        ui.console.print(f"[green]installed[/] {paths.unit.with_name(RAY_UNIT_NAME)}: the Ray head; on each other machine: "
+                         f"appliance service install --ray-address THIS_HOST:{ray_port}")
     ui.console.print(f"[green]installed[/] {record['unit']} (env {record['env_file']}, mode 0600)")
     if no_wait:
         return
@@ -70,10 +106,14 @@ def install(model, system, run_as, overwrite, dry_run, no_wait, **options) -> No
         ok = wait(spec.url, timeout=1200, interval=1.0)
         spinner.update(f"{time.time() - started:.0f} s")
     if not ok:
-        from appliance.errors import ApplianceError
-
         raise ApplianceError(f"The service did not answer {spec.url}/health.", "see `appliance service logs`")
     ui.console.print(f"[green]ready[/] at {spec.url}/v1 · served: {', '.join(spec.served_names)} · key: `appliance service key`")
+
+
+def _gpu_here() -> bool:
+    from appliance.hardware import gpu_present
+
+    return gpu_present()
 
 
 @service.command()

@@ -156,10 +156,12 @@ def make_plan(shape: ModelShape, gpu: GpuProfile, settings: TrainSettings, steps
     )
 
 
-def plan_run(cfg: RunConfig, registry: Registry, gpu_name: str | None, steps: int) -> FitPlan | None:
-    """The plan `appliance train` checks first: against --gpu, else the GPU detected (None on CPU)."""
+def plan_run(cfg: RunConfig, registry: Registry, gpu_name: str | None, steps: int, data_parallel: int = 1) -> FitPlan | None:
+    """The plan `appliance train` checks first: against --gpu, else the GPU detected (None on CPU);
+    under torchrun for one of `data_parallel` GPUs."""
     registry.model(cfg.model.name or "")  # a run needs the model in the store, not only a profile
     gpu = find_gpu(gpu_name) if gpu_name else detected_gpu()
     if gpu is None:
         return None
-    return make_plan(find_model(cfg.model.name or "", registry), gpu, settings_from_config(cfg, gpu.device), steps)
+    settings = settings_from_config(cfg, gpu.device).model_copy(update={"data_parallel": data_parallel})
+    return make_plan(find_model(cfg.model.name or "", registry), gpu, settings, steps)

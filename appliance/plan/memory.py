@@ -253,6 +253,10 @@ def estimate(shape: ModelShape, gpu: GpuProfile, settings: TrainSettings, loop: 
     static["lora_weights"] = Part(
         gib=4 * adapters / GIB, what=f"LoRA r{s.rank} on {len(targets)} linear layers in each of {layers} blocks, fp32 ({adapters / 1e6:.1f} M parameters)"
     )
+    if s.data_parallel > 1:
+        static["allreduce_buffer"] = Part(
+            gib=4 * adapters / GIB, what=f"torchrun over {s.data_parallel} GPUs: the adapter's gradients flattened for one all-reduce a step"
+        )
     states = OPTIMIZER_STATE_BYTES[s.optimizer] * adapters / GIB
     if s.optimizer == "paged_adamw_8bit":
         # bitsandbytes allocates paged states in CUDA unified memory, outside PyTorch's allocator

@@ -38,6 +38,7 @@ class TrainSettings(BaseModel):
     lora_shared_inputs: bool = Field(_default(LoraSpec, "shared_inputs"), description="LoRA keeps the base layer's input, not an fp32 copy")
     mlp_tile_tokens: int | None = Field(None, description="compute each MLP over this many tokens at a time")
     optimizer: Optimizer = Field("paged_adamw_8bit", description="what train.optimizer 'auto' picks on CUDA")
+    data_parallel: int = Field(1, ge=1, description="torchrun ranks, a GPU each; each holds the whole 4-bit base (DDP), batch_size is per rank")
     packed: bool | None = Field(
         None,
         description="rows hold several examples or end in padding, so transformers builds a (rows, 1, W, W) attention mask; "

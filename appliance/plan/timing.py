@@ -220,9 +220,18 @@ def estimate_time(
     rate = gpu.bf16_tflops * 1e12 / flops
     tokens_per_s = rate * calibration.efficiency
     step_tokens = settings.grad_accum * _rows(settings) * settings.seq_len
+    if settings.data_parallel > 1:
+        # Each rank computes a one-GPU step on its own batch; only the all-reduce is added, and no
+        # multi-GPU run of ours has been measured, so the estimate is the ideal and says so.
+        tokens_per_s *= settings.data_parallel
+        step_tokens *= settings.data_parallel
+        mib = 4 * lora_parameters(shape, settings) / 2**20
+        calibration = calibration.model_copy(update={"caveats": [*calibration.caveats,
+            f"{settings.data_parallel} GPUs data-parallel: assumed {settings.data_parallel}× one GPU's speed; "
+            f"the all-reduce of {mib:.0f} MiB of gradients a step is not measured"]})
     return TimeEstimate(
         tokens_per_s=tokens_per_s,
-        tokens_per_s_range=(rate * calibration.spread[0], rate * calibration.spread[1]),
+        tokens_per_s_range=(rate * calibration.spread[0] * settings.data_parallel, rate * calibration.spread[1] * settings.data_parallel),
         step_s=step_tokens / tokens_per_s,
         steps=steps,
         run_tokens=steps * step_tokens,

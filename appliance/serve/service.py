@@ -25,6 +25,9 @@ from appliance.store import Store, atomic_write, atomic_write_json, read_json
 
 UNIT_NAME = "appliance-vllm.service"
 TEMPLATE = "appliance-vllm.service.in"
+RAY_UNIT_NAME = "appliance-ray.service"  # one Ray node a machine: the head, or a worker joining it
+RAY_TEMPLATE = "appliance-ray.service.in"
+RAY_PORT = 6379  # Ray's default GCS port
 START_TIMEOUT_S = 1200  # a cold load of a big model from a slow disk
 KEY_VAR = "VLLM_API_KEY"
 
@@ -77,13 +80,10 @@ def _gpu_device_lines(dev: Path = Path("/dev")) -> str:
     return "DevicePolicy=closed\n" + "".join(f"DeviceAllow={a}\n" for a in allow)
 
 
-def render(spec: ServeSpec, store: Store, paths: Paths, api_key: str, run_as: str | None = None) -> Rendered:
-    """The unit and env file text for `spec` (nothing written)."""
-    cmd = vllm_command(spec)
+def cache_env(store: Store) -> dict[str, str]:
+    """The caches of a unit, inside the service's own writable folder."""
     cache = store.root / "service" / "cache"
-    env = {
-        **vllm_env(spec),
-        KEY_VAR: api_key,
+    return {
         # vLLM, PyTorch and the GPU libraries write caches; the home is read-only in the unit, so HOME
         # itself and every cache that ignores XDG (FlashInfer's JIT, CUDA's PTX cache, tilelang,
         # inductor) point inside the service's own writable folder.
@@ -98,8 +98,17 @@ def render(spec: ServeSpec, store: Store, paths: Paths, api_key: str, run_as: st
         "TORCHINDUCTOR_CACHE_DIR": str(cache / "inductor"),
         "PYTHONUNBUFFERED": "1",
     }
+
+
+def render(spec: ServeSpec, store: Store, paths: Paths, api_key: str, run_as: str | None = None, ray_head: bool = False) -> Rendered:
+    """The unit and env file text for `spec` (nothing written); `ray_head`: this machine's Ray head unit starts first."""
+    cmd = vllm_command(spec)
+    cache = store.root / "service" / "cache"
+    env = {**vllm_env(spec), KEY_VAR: api_key, **cache_env(store)}
+    if spec.ray_address is not None:
+        env["RAY_TMPDIR"] = str(cache / "ray")  # where the Ray node on this machine keeps its sockets
     health = shell_line([spec.python, "-m", "appliance.serve.health", spec.url, "--timeout", str(START_TIMEOUT_S)])
-    local = spec.host in LOCAL_HOSTS
+    local = spec.host in LOCAL_HOSTS and spec.ray_address is None  # a Ray cluster talks to other machines
     values = {
         "model": spec.model.name,
         "user_line": f"User={run_as}\n" if paths.scope == "system" and run_as else "",
@@ -112,12 +121,75 @@ def render(spec: ServeSpec, store: Store, paths: Paths, api_key: str, run_as: st
         "device_lines": _gpu_device_lines() if spec.on_gpu else "PrivateDevices=yes\n",
         "ip_lines": "IPAddressDeny=any\nIPAddressAllow=localhost\n" if local else "",
         "wanted_by": "multi-user.target" if paths.scope == "system" else "default.target",
+        # With a Ray head on this machine, vLLM starts after it (its workers are Ray's).
+        "ray_lines": f"Requires={RAY_UNIT_NAME}\nAfter={RAY_UNIT_NAME}\n" if ray_head else "",
     }
     unit = Template((systemd_dir() / TEMPLATE).read_text()).substitute(values)
     env_text = "# appliance service environment (mode 0600: holds the API key)\n" + "".join(
         f"{k}={shlex.quote(v)}\n" for k, v in sorted(env.items())
     )
     return Rendered(unit, env_text, cmd)
+
+
+def ray_unit_path(paths: Paths) -> Path:
+    return paths.unit.with_name(RAY_UNIT_NAME)
+
+
+def ray_command(python: str, store: Store, *, head_port: int | None = None, address: str | None = None) -> list[str]:
+    """`ray start` for a head (listening on head_port) or a worker (joining address), in the foreground."""
+    ray = str(Path(python).with_name("ray"))  # the console script of the interpreter that has vLLM
+    cmd = [ray, "start", "--block", "--disable-usage-stats", "--temp-dir", str(store.root / "service" / "cache" / "ray")]
+    if head_port is not None:
+        # The dashboard would listen on every address; it is not needed to serve.
+        return cmd + ["--head", "--port", str(head_port), "--include-dashboard=false"]
+    return cmd + ["--address", str(address)]
+
+
+def render_ray(python: str, store: Store, paths: Paths, *, head_port: int | None = None, address: str | None = None,
+               on_gpu: bool = True, run_as: str | None = None) -> Rendered:
+    """The Ray node's unit and env file (nothing written): the head with head_port, else a worker of address."""
+    role = "head" if head_port is not None else "worker"
+    cmd = ray_command(python, store, head_port=head_port, address=address)
+    env = {**cache_env(store), "RAY_USAGE_STATS_ENABLED": "0", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1", "HF_HUB_OFFLINE": "1"}
+    values = {
+        "role": role,
+        "install_flags": "MODEL --ray-head" if role == "head" else f"--ray-address {address}",
+        "user_line": f"User={run_as}\n" if paths.scope == "system" and run_as else "",
+        "env_file": str(paths.env.with_name("ray.env")),
+        "store_root": str(store.root),
+        "exec_start": shell_line(cmd),
+        "exec_stop": shell_line([cmd[0], "stop"]),
+        "writable_paths": str(store.root / "service" / "cache"),
+        "device_lines": _gpu_device_lines() if on_gpu else "PrivateDevices=yes\n",
+        "wanted_by": "multi-user.target" if paths.scope == "system" else "default.target",
+    }
+    unit = Template((systemd_dir() / RAY_TEMPLATE).read_text()).substitute(values)
+    env_text = "# appliance Ray node environment\n" + "".join(f"{k}={shlex.quote(v)}\n" for k, v in sorted(env.items()))
+    return Rendered(unit, env_text, cmd)
+
+
+def install_ray(rendered: Rendered, store: Store, paths: Paths) -> Path:
+    """Write the Ray node's unit and env file, enable and start it; return the unit's path."""
+    require_systemd(paths.scope)
+    (store.root / "service" / "cache" / "ray").mkdir(parents=True, exist_ok=True)
+    unit = ray_unit_path(paths)
+    atomic_write(paths.env.with_name("ray.env"), rendered.env, mode=0o600)
+    atomic_write(unit, rendered.unit, mode=0o644)
+    systemctl(paths.scope, "daemon-reload")
+    systemctl(paths.scope, "enable", "--now", RAY_UNIT_NAME)
+    return unit
+
+
+def uninstall_ray(paths: Paths) -> bool:
+    """Stop and remove this machine's Ray node unit, if there is one."""
+    unit = ray_unit_path(paths)
+    if not unit.is_file():
+        return False
+    systemctl(paths.scope, "disable", "--now", RAY_UNIT_NAME, check=False)
+    unit.unlink(missing_ok=True)
+    paths.env.with_name("ray.env").unlink(missing_ok=True)
+    systemctl(paths.scope, "daemon-reload", check=False)
+    return True
 
 
 # -- the installed record -------------------------------------------------------------
@@ -207,8 +279,10 @@ def install(
     scope: str = "user",
     force: bool = False,
     run_as: str | None = None,
+    ray_head: Rendered | None = None,
 ) -> dict:
-    """Write env file and unit, reload systemd, enable and start; return the record."""
+    """Write env file and unit, reload systemd, enable and start; return the record.
+    `ray_head`: this machine's Ray head unit (render_ray), installed and started first."""
     paths = Paths.for_scope(scope)
     existing = installed(store)
     if (existing or paths.unit.exists()) and not force:
@@ -218,7 +292,9 @@ def install(
     if scope == "system" and run_as is None:
         run_as = os.environ.get("SUDO_USER") or None
     key = existing_key(paths) or new_api_key()
-    rendered = render(spec, store, paths, key, run_as)
+    rendered = render(spec, store, paths, key, run_as, ray_head is not None)
+    if ray_head is not None:
+        install_ray(ray_head, store, paths)
     (store.root / "service" / "cache" / "home").mkdir(parents=True, exist_ok=True)
     write_files(paths, rendered)
     record = {
@@ -259,6 +335,7 @@ def uninstall(store: Store) -> dict:
         Path(path).unlink(missing_ok=True)
     systemctl(scope, "daemon-reload", check=False)
     record_path(store).unlink(missing_ok=True)
+    record["ray_unit_removed"] = uninstall_ray(Paths.for_scope(scope))
     return record
 
 
