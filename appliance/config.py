@@ -182,6 +182,17 @@ class TrainSpec(Spec):
     early_stopping_patience: int = Field(0, ge=0, description="stop after N evaluations without improvement (0: off)")
     device: Literal["auto", "cuda", "cpu"] = Field("auto", description="where to train")
     unfreeze: "UnfreezeSpec | None" = Field(None, description="gradual unfreezing (ULMFiT): top layers first")
+    report_to: list[Literal["tensorboard", "mlflow", "wandb"]] = Field(
+        default_factory=list, description="experiment trackers that also get every metric and the config (appliance/track.py)"
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _trackers_as_text(cls, data: Any) -> Any:
+        """`--set train.report_to=mlflow` (or `=mlflow,wandb`) names trackers without YAML's list brackets."""
+        if isinstance(data, dict) and isinstance(data.get("report_to"), str):
+            data = {**data, "report_to": [name.strip() for name in data["report_to"].split(",") if name.strip()]}
+        return data
 
     @model_validator(mode="after")
     def _length(self) -> "TrainSpec":

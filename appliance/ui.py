@@ -83,8 +83,41 @@ def sparkline(values: list[float], width: int = 40) -> str:
     return "".join(bars[min(len(bars) - 1, int((v - lo) / span * (len(bars) - 1)))] for v in values)
 
 
+# The colors curves take in turn (plotext's palette codes), so a run keeps its color in every chart.
+CURVE_COLORS = (12, 9, 10, 13, 14, 11)
+
+
+def curve_chart(
+    title: str, series: dict[str, tuple[list, list]], width: int = 60, height: int = 12, color: bool = True, order: list[str] | None = None
+) -> str:
+    """Line charts as terminal text (plotext): one curve per series, a legend when there are several.
+
+    `order` fixes each label's color (its place in it), so a run keeps its color across charts."""
+    import plotext as plt
+
+    fig = plt.figure  # plotext draws on one module-level figure: cleared each time
+    fig.clear()
+    fig.plot_size(width, height)
+    fig.theme("simple")
+    order = order or list(series)
+    drawn = {k: v for k, v in series.items() if v[0]}
+    for label, (xs, ys) in drawn.items():
+        pixel = CURVE_COLORS[order.index(label) % len(CURVE_COLORS)] if label in order else CURVE_COLORS[0]
+        signal = fig.signal(list(xs), list(ys), marker=plt.marker("braille", pixel=pixel)).lines()
+        fig.draw(signal.label(label) if len(drawn) > 1 else signal)
+    if len(drawn) > 1:  # top right: where falling curves leave room
+        fig.legend(x=max(max(xs) for xs, _ in drawn.values()), y=max(max(ys) for _, ys in drawn.values()), relative=True, ha="right", va="top")
+    fig.title(title)
+    return fig.build().string(colorless=not color)
+
+
 class Dashboard:
-    """Consumes training events (appliance.train.events) and shows them."""
+    """Consumes training events (appliance.train.events) and shows them.
+
+    On a terminal the live panel draws the loss curve (train, and validation once there is one)
+    with plotext under the figures; rich's Live redraws it on each step. Where the terminal is
+    too narrow for a chart (or plotext is not installed), the train loss keeps its sparkline.
+    """
 
     def __init__(self, out: Console | None = None, live: bool | None = None):
         self.console = out or console
@@ -94,6 +127,12 @@ class Dashboard:
         self.step = None
         self.eval: dict[str, float] = {}
         self.losses: list[float] = []
+        self.loss_steps: list[int] = []
+        self.val_losses: tuple[list[int], list[float]] = ([], [])
+        import importlib.util
+
+        # The chart is a view: without plotext the panel keeps the sparkline rather than stop a training.
+        self.can_chart = importlib.util.find_spec("plotext") is not None
         self.phase = ""
         self.trainable = 0
         self.notes: list[str] = []
@@ -122,6 +161,9 @@ class Dashboard:
                 f"{event.train_examples} train / {event.val_examples} val examples · "
                 f"{human_count(event.trainable_params)} trainable of {human_count(event.total_params)} · {event.optimizer}"
             )
+            if event.ranks > 1:
+                per_step = event.batch_size * event.ranks * event.grad_accum
+                text += f" · global batch {event.batch_size} × {event.ranks} ranks × {event.grad_accum} = {per_step} examples per step"
             if event.resumed_from:
                 text += f" · resumed from {event.resumed_from}"
             self._print(text)
@@ -133,6 +175,7 @@ class Dashboard:
         elif isinstance(event, ev.StepDone):
             self.step = event
             self.losses.append(event.loss)
+            self.loss_steps.append(event.step)
             if not self.live_mode:
                 extra = "".join(f" {k}={v:.4g}" for k, v in event.extra.items())
                 self._print(
@@ -142,6 +185,9 @@ class Dashboard:
                 )
         elif isinstance(event, ev.EvalDone):
             self.eval = event.metrics
+            if isinstance(event.metrics.get("val_loss"), (int, float)):
+                self.val_losses[0].append(event.step)
+                self.val_losses[1].append(event.metrics["val_loss"])
             figures = " ".join(f"{k}={v:.4f}" for k, v in event.metrics.items())
             self._print(f"eval at step {event.step}: {figures}" + (" (best)" if event.improved else ""))
         elif isinstance(event, ev.CheckpointSaved):
@@ -167,7 +213,7 @@ class Dashboard:
             table.add_row("step", "starting…")
         else:
             table.add_row("step", f"{s.step}/{s.total_steps}  (epoch {s.epoch:.2f})")
-            table.add_row("train loss", f"{s.loss:.4f}  {sparkline(self.losses)}")
+            table.add_row("train loss", f"{s.loss:.4f}" if self._chart_width() else f"{s.loss:.4f}  {sparkline(self.losses)}")
             if self.eval:
                 table.add_row("validation", "  ".join(f"{k} {v:.4f}" for k, v in self.eval.items()))
             table.add_row("learning rate", f"{s.lr:.2e}")
@@ -178,7 +224,19 @@ class Dashboard:
                 table.add_row(k, f"{v:.4f}")
         table.add_row("trainable", f"{human_count(self.trainable)} ({self.phase})")
         title = f"appliance train · {self.started.run_name}" if self.started else "appliance train"
-        return Panel(Group(table), title=title, border_style="cyan", expand=False)
+        parts = [table]
+        width = self._chart_width()
+        if width and len(self.losses) >= 2:
+            series = {"train": (self.loss_steps, self.losses), "validation": self.val_losses}
+            parts.append(Text.from_ansi(curve_chart("loss", series, width=width, height=12)))
+        return Panel(Group(*parts), title=title, border_style="cyan", expand=False)
+
+    def _chart_width(self) -> int:
+        """The chart's width in the live panel; 0 where there is no live panel or too little room."""
+        if not (self.live_mode and self.can_chart):
+            return 0
+        width = min(self.console.width - 4, 72)
+        return width if width >= 40 else 0
 
 
 class Spinner:

@@ -1,7 +1,11 @@
 """The machine checks the set-up runs before installing (stdlib only), by what they print."""
 
+import json
+import math
 import subprocess
 import sys
+
+import pytest
 
 from appliance.doctor import PINNED, check_compiler, check_driver, check_python_headers
 from conftest import REPO
@@ -67,12 +71,44 @@ def test_a_service_whose_caches_would_write_under_the_read_only_home_is_named(st
     assert check_service(store.store).ok
 
 
-def test_doctor_on_this_machine_names_every_check_and_exits_0():
+def test_doctor_quick_names_every_check_of_the_machine_and_exits_0():
+    from conftest import run_cli
+
+    result = run_cli("doctor", "--quick", "--json")
+    report = json.loads(result.stdout)
+    found = {f["name"]: f for f in report["findings"]}
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert {"cuda-usable", "compute-dtype", "vllm-installed", "store"} <= set(found) and all(f["ok"] for f in found.values())
+    assert not any(name.startswith("path-") for name in found)
+
+
+@pytest.mark.slow
+def test_doctor_runs_the_whole_path_in_miniature_and_gives_its_figures():
+    """Train 5 QLoRA steps on a tiny LLaMA, merge it, one request through vLLM: each step timed."""
     from conftest import run_cli
 
     result = run_cli("doctor", "--json")
-    import json
+    report = json.loads(result.stdout)
+    found = {f["name"]: f for f in report["findings"]}
+    assert result.returncode == 0 and report["ok"], result.stdout + result.stderr
+    assert [n for n in found if n.startswith("path-")] == ["path-model", "path-qlora", "path-merge", "path-vllm"]
+    figures = report["figures"]
+    assert figures["qlora"]["steps"] == 5 and math.isfinite(figures["qlora"]["loss"]) and figures["qlora"]["peak_gib"] > 0
+    assert figures["merge"]["top1_agreement"] >= 0.9 and figures["vllm"]["tokens"] > 0
+    assert set(figures["seconds"]) == {"path-model", "path-qlora", "path-merge", "path-vllm"}
 
-    found = {f["name"]: f for f in json.loads(result.stdout)}
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert {"cuda-usable", "compute-dtype", "vllm-installed", "store"} <= set(found) and all(f["ok"] for f in found.values())
+
+@pytest.mark.fault
+def test_a_failing_step_of_the_path_is_a_finding_with_its_fix(tmp_path):
+    """vLLM missing from the interpreter named (a bare venv): the machine check and the path's last
+    step fail, each with the fix; the steps before it still pass; exit 1, no traceback."""
+    from conftest import run_cli
+
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(tmp_path / "bare")], check=True)
+    result = run_cli("doctor", "--json", "--python", str(tmp_path / "bare" / "bin" / "python"))
+    report = json.loads(result.stdout)
+    found = {f["name"]: f for f in report["findings"]}
+    assert result.returncode == 1 and not report["ok"] and "Traceback" not in result.stderr, result.stderr
+    assert all(found[n]["ok"] for n in ("path-model", "path-qlora", "path-merge"))
+    for name in ("vllm-installed", "path-vllm"):
+        assert not found[name]["ok"] and "vllm" in found[name]["fix"], found[name]

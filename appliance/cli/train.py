@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import sys
 from pathlib import Path
 
 import click
@@ -54,6 +56,7 @@ FLAG_SETTINGS = {
     "mix": "data.mix.strategy",
     "temperature": "data.mix.temperature",
     "val_file": "data.val_file",
+    "report_to": "train.report_to",
 }
 
 
@@ -61,7 +64,8 @@ def flag_overrides(**flags) -> dict:
     """Flags given on the command line, as a nested dict over the recipe (unset flags are absent)."""
     from appliance.config import nest
 
-    changes = {FLAG_SETTINGS[k]: v for k, v in flags.items() if v is not None and k in FLAG_SETTINGS}
+    # A repeatable flag given no times arrives as (): unset, like a flag that is None.
+    changes = {FLAG_SETTINGS[k]: list(v) if isinstance(v, tuple) else v for k, v in flags.items() if v not in (None, ()) and k in FLAG_SETTINGS}
     if flags.get("data"):
         changes["data.files"] = [parse_data_arg(d) for d in flags["data"]]
     if flags.get("replay"):
@@ -120,20 +124,37 @@ def data_options(fn):
 @click.option("--gpu", help='plan for this GPU profile ("RTX 3060", ...) instead of the one detected')
 @click.option("--fit", is_flag=True, help="when the plan does not fit the GPU, apply the cheapest change that does")
 @click.option("--resume", is_flag=True, help="continue from the newest checkpoint of this run")
+@click.option(
+    "--report-to",
+    type=click.Choice(["tensorboard", "mlflow", "wandb"]),
+    multiple=True,
+    help="also send every figure and the config to TensorBoard, MLflow or W&B (repeat for several; "
+    "kept in the run folder unless MLFLOW_TRACKING_URI or a W&B login says otherwise)",
+)
+@click.option("--nproc-per-node", type=click.IntRange(min=1), default=1, show_default=True,
+              help="data-parallel processes on this machine, one per GPU (started with PyTorch's torchrun launcher)")
+@click.option("--nnodes", type=click.IntRange(min=1), default=1, show_default=True, help="machines in the run (each runs this command)")
+@click.option("--node-rank", type=click.IntRange(min=0), default=0, show_default=True, help="this machine's place among them, from 0")
+@click.option("--master-addr", default="127.0.0.1", show_default=True, help="the address of node 0, the same on every machine")
+@click.option("--master-port", type=click.IntRange(1, 65535), help="the port on node 0 (default: a free one; give one for several machines)")
 @overwrite_option("replace an adapter or run of the same name (the old adapter stays until the new one is complete)")
 @json_option
-def train(name, recipe, config_file, sets, gpu, fit, resume, overwrite, as_json, **flags) -> None:
+def train(name, recipe, config_file, sets, gpu, fit, resume, overwrite, as_json, nproc_per_node, nnodes, node_rank, master_addr, master_port,
+          **flags) -> None:
     """Fine-tune a LoRA adapter on a 4-bit base (QLoRA) with a live dashboard.
 
     \b
     Examples:
       appliance train --model smollm2 --data facts.jsonl --name facts --steps 30
       appliance train --model smollm2 --data facts.jsonl --name facts --set lora.dropout=0.1 --resume
+      appliance train --model smollm2 --data facts.jsonl --name facts --report-to tensorboard --report-to mlflow
+      appliance train --model smollm2 --data facts.jsonl --name facts --nproc-per-node 2
+    With --nproc-per-node N the same run trains data-parallel on N processes (each its own GPU,
+    or CPU processes over gloo); --batch-size is per process, so a step sees N times as many examples.
     The run is planned first (`appliance plan`): one that will not fit the GPU is refused
     with the plan's advice, or with --fit changed as little as fits.
     Ctrl-C saves a checkpoint and exits 130; the same command with --resume continues.
     """
-    import contextlib
 
     from appliance import ui
     from appliance.config import load_run_config
@@ -143,13 +164,28 @@ def train(name, recipe, config_file, sets, gpu, fit, resume, overwrite, as_json,
     check_name(name, "adapter name")
     cfg = load_run_config(recipe_and_files(flags["data"], recipe), config_file, sets, flag_overrides(**flags))
     registry().model(cfg.model.name or "")
-    cfg = fit_to_gpu(cfg, gpu, fit)
+    if cfg.train.report_to:
+        from appliance.track import check_installed
+
+        check_installed(cfg.train.report_to)
+    from appliance.train.launch import Launch, launch
+
+    ranks = Launch(nproc_per_node, nnodes, node_rank, master_addr, master_port)
+    cfg = fit_to_gpu(cfg, gpu, fit, data_parallel=nproc_per_node * nnodes)
+    if ranks.needed:  # this process starts the ranks; each runs this command as one of them
+        launch(ranks, sys.argv[1:], registry().store.root / "logs" / f"train-{name}")
+        return
     with ui.json_output() if as_json else contextlib.nullcontext():
         from appliance.train import run_training
 
         ui.console.print(f"[dim]recipe {cfg.recipe} · task {cfg.task} · resolved config saved in the run folder[/]")
-        with ui.Dashboard() as dashboard:
-            result = run_training(cfg, registry(), name, resume=resume, overwrite=overwrite, events=dashboard)
+        from appliance.track import fan_out, reporting
+        from appliance.train.events import Note
+
+        with ui.Dashboard() as dashboard, leaving_quietly_when_a_peer_dies():
+            # Trackers consume the same events as the dashboard; their warnings show in it as notes.
+            with reporting(cfg.train.report_to, registry().run_dir(name), cfg, lambda text: dashboard(Note(text, "warning"))) as trackers:
+                result = run_training(cfg, registry(), name, resume=resume, overwrite=overwrite, events=fan_out(dashboard, *trackers))
         figures = "  ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in result.metrics.items())
         ui.console.print(f"[green]adapter saved[/] {result.adapter} → {result.adapter_dir}\n  {figures}  ({ui.duration(result.elapsed_s)})")
         ui.console.print(f"next: [bold]appliance merge {result.adapter}[/]  or  [bold]appliance serve {cfg.model.name} --adapter {result.adapter}[/]")
@@ -157,13 +193,33 @@ def train(name, recipe, config_file, sets, gpu, fit, resume, overwrite, as_json,
         print_json(registry().adapter(result.adapter).model_dump(mode="json"))
 
 
-def fit_to_gpu(cfg, gpu: str | None, fit: bool):
+@contextlib.contextmanager
+def leaving_quietly_when_a_peer_dies():
+    """Under torchrun, a rank whose peer died fails in its next collective: the launcher reports
+    the rank that died, so this one leaves with one line instead of a traceback."""
+    from appliance.train import distributed
+
+    try:
+        yield
+    except RuntimeError as err:
+        ranks = distributed.from_environment()
+        if not distributed.lost_a_peer(ranks, err):
+            raise
+        from rich.markup import escape
+
+        from appliance import ui
+
+        ui.warn(f"rank {ranks.rank}: lost contact with another rank ({escape(str(err).splitlines()[0][:160])})")
+        sys.exit(1)
+
+
+def fit_to_gpu(cfg, gpu: str | None, fit: bool, data_parallel: int = 1):
     """Plan the run; refuse one that does not fit, or with `fit` apply the cheapest change that does."""
     from appliance import ui
     from appliance.errors import ApplianceError
     from appliance.plan import plan_run
 
-    result = plan_run(cfg, registry(), gpu, steps=cfg.train.steps or 1)
+    result = plan_run(cfg, registry(), gpu, steps=cfg.train.steps or 1, data_parallel=data_parallel)
     if result is None:
         ui.console.print("[dim]plan: no GPU here, memory not planned (--gpu NAME plans for a card)[/]")
         return cfg

@@ -13,7 +13,8 @@ from appliance.errors import ApplianceError
 from appliance.store import atomic_write, disk_full_error, is_disk_full, read_json
 
 # Settings that may change between a run and its resume without changing its results.
-RESUME_MAY_CHANGE = {("train", "save_every"), ("train", "eval_every"), ("train", "keep_checkpoints"), ("train", "device")}
+# Settings a resumed run may change: how often it saves and reports, where it runs, and its trackers.
+RESUME_MAY_CHANGE = {("train", "save_every"), ("train", "eval_every"), ("train", "keep_checkpoints"), ("train", "device"), ("train", "report_to")}
 
 
 def config_differences(a: dict[str, Any], b: dict[str, Any], prefix: tuple = ()) -> list[tuple]:
