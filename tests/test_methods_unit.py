@@ -112,8 +112,16 @@ def test_replay_and_mixing_run_through_the_loop(tiny, tmp_path):
     assert roles == {"train", "replay"} and result.steps == 4
 
 
-def test_early_stopping_restores_the_best_checkpoint(tiny):
-    cfg = config(train={"steps": 30, "lr": 0.5, "schedule": "constant", "warmup": 0, "eval_every": 2, "early_stopping_patience": 2})
+def test_early_stopping_restores_the_best_checkpoint(tiny, tmp_path):
+    """Validation answers that contradict the training answers: the loss on them falls while the
+    model learns the answers' shape, then rises as it learns the training facts, so it has a best step."""
+    rows = [json.loads(line) for line in (DEMO / "facts.jsonl").read_text().splitlines()]
+    answers = [r["messages"][-1]["content"] for r in rows]
+    contradicting = [{"messages": [r["messages"][0], {"role": "assistant", "content": answers[(i + len(rows) // 2) % len(rows)]}]}
+                     for i, r in enumerate(rows) if answers[(i + len(rows) // 2) % len(rows)] != r["messages"][-1]["content"]]
+    val = write_jsonl(tmp_path / "contradicting.jsonl", contradicting[:8])
+    cfg = config(data={"val_file": str(val)},
+                 train={"steps": 30, "lr": 1e-2, "schedule": "constant", "warmup": 0, "eval_every": 2, "early_stopping_patience": 2})
     result = run_training(cfg, tiny, "es")
     evals = [m for m in result.history if "val_loss" in m]
     best = min(evals, key=lambda m: m["val_loss"])

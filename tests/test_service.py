@@ -320,10 +320,12 @@ def test_tensor_parallel_on_more_gpus_than_the_machine_has_is_refused_unless_ray
     from appliance.hardware import nvidia_smi_gpus
 
     here = len(nvidia_smi_gpus())
-    with pytest.raises(ApplianceError, match=f"needs {here + 1} GPUs; this machine has {here}"):
-        build_spec(tiny, "tiny", device="cuda", tensor_parallel_size=here + 1)
-    spec = build_spec(tiny, "tiny", device="cuda", tensor_parallel_size=here + 1, ray_address="10.0.0.1:6379")
-    assert spec.devices_used == here + 1
+    more = max(here, 1) + 1  # (a GPU unit rendered where nvidia-smi lists none is for one GPU)
+    with pytest.raises(ApplianceError, match=f"needs {more} GPUs; this machine has {here}"):
+        build_spec(tiny, "tiny", device="cuda", tensor_parallel_size=more)
+    spec = build_spec(tiny, "tiny", device="cuda", tensor_parallel_size=more, ray_address="10.0.0.1:6379")
+    assert spec.devices_used == more
+    assert build_spec(tiny, "tiny", device="cuda", pipeline_parallel_size=max(here, 1)).devices_used == max(here, 1)
 
 
 @pytest.mark.bad_input

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 from pathlib import Path
 
@@ -171,7 +172,8 @@ def train(name, recipe, config_file, sets, gpu, fit, resume, overwrite, as_json,
     from appliance.train.launch import Launch, launch
 
     ranks = Launch(nproc_per_node, nnodes, node_rank, master_addr, master_port)
-    cfg = fit_to_gpu(cfg, gpu, fit, data_parallel=nproc_per_node * nnodes)
+    # A rank runs this command without the launch flags; WORLD_SIZE tells it how many there are.
+    cfg = fit_to_gpu(cfg, gpu, fit, data_parallel=int(os.environ.get("WORLD_SIZE", nproc_per_node * nnodes)))
     if ranks.needed:  # this process starts the ranks; each runs this command as one of them
         launch(ranks, sys.argv[1:], registry().store.root / "logs" / f"train-{name}")
         return

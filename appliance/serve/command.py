@@ -206,7 +206,7 @@ def check_gpu_count(spec: ServeSpec) -> None:
     from appliance.hardware import nvidia_smi_gpus
 
     here = len(nvidia_smi_gpus())
-    if spec.ray_address is None and spec.devices_used > here:
+    if spec.ray_address is None and spec.devices_used > max(here, 1):
         raise ApplianceError(
             f"--tensor-parallel-size {spec.tensor_parallel_size} × --pipeline-parallel-size {spec.pipeline_parallel_size} "
             f"needs {spec.devices_used} GPUs; this machine has {here}.",
