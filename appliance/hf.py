@@ -179,3 +179,19 @@ def load_for_inference(
         model = PeftModel.from_pretrained(model, str(adapter_dir))
     model.eval()
     return model
+
+
+def roundtrip_4bit(weight, quant_type: str = "nf4", double_quant: bool = True):
+    """A weight as the 4-bit model computes with it: quantized as bitsandbytes does on load
+    (blocks of 64; double quantization compresses the block scales) and dequantized, in fp32."""
+    import bitsandbytes as bnb
+    import torch
+
+    packed, state = bnb.functional.quantize_4bit(weight.to(torch.float32), blocksize=64, compress_statistics=double_quant, quant_type=quant_type)
+    return bnb.functional.dequantize_4bit(packed, state)
+
+
+def quantized_on_load(name: str, tensor) -> bool:
+    """Whether bitsandbytes quantizes this tensor when the base loads in 4 bits: the linear
+    layers of the blocks (embeddings, norms and the head stay in 16 bits)."""
+    return ".layers." in name and name.endswith(".weight") and tensor.ndim == 2

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, Callable, Literal
 
 from appliance.errors import ApplianceError
-from appliance.hf import TOKENIZER_FILES
+from appliance.hf import TOKENIZER_FILES, roundtrip_4bit
 from appliance.registry import AdapterManifest, Agreement, MergeParity, ModelManifest, Registry
 from appliance.store import atomic_dir, ensure_free_space, read_json
 
@@ -124,15 +124,6 @@ def read_deltas(adapter_dir: Path) -> tuple[dict[str, LoraDelta], dict[str, Any]
     return deltas, whole
 
 
-def nf4_roundtrip(weight):
-    """The weight as the 4-bit model computes with it: quantized to NF4 with double quantization
-    (blocks of 64, as bitsandbytes does on load) and dequantized."""
-    import bitsandbytes as bnb
-
-    packed, state = bnb.functional.quantize_4bit(weight, blocksize=64, compress_statistics=True, quant_type="nf4")
-    return bnb.functional.dequantize_4bit(packed, state)
-
-
 def _torch_dtype(name: str):
     import torch
 
@@ -147,7 +138,7 @@ def merged_tensor(name: str, base, deltas: dict[str, LoraDelta], weights: MergeW
     if delta is None:
         return base.to(_torch_dtype(dtype)).contiguous()
     base = base.to(torch.float32)  # exact for a 16-bit base; the NF4 codes do not change, the dequantized values are not rounded
-    w = nf4_roundtrip(base) if weights == "dequantized" else base
+    w = roundtrip_4bit(base) if weights == "dequantized" else base
     return (w + delta.weight()).to(_torch_dtype(dtype)).contiguous()
 
 

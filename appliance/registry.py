@@ -134,6 +134,67 @@ class ModelManifest(Manifest):
         return None if isinstance(value, dict) and "evaluated" not in value else value
 
 
+class GreedyCheck(BaseModel):
+    """One prompt answered greedily by the export in llama.cpp, and whether it stopped by itself."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str = Field(description="the question (the last user turn), shortened")
+    answer: str = Field(description="llama.cpp's greedy answer")
+    stopped: bool = Field(description="the answer ended with an end-of-generation token within the token limit")
+    stop_token: str | None = None
+    reference_stopped: bool = Field(description="the reference (transformers, fp32) stopped on the same prompt")
+    same_as_reference: bool = Field(description="the same tokens as the reference's greedy answer")
+
+
+class ExportParity(BaseModel):
+    """A GGUF export loaded back in llama.cpp and compared with the model it came from (appliance.export)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    reference: str = Field(description="what the export is compared with, computed by transformers in fp32 on the CPU")
+    quant: str
+    prompts: int
+    validation_examples: int
+    agreement: Agreement
+    tokenization_matches: int = Field(description="probe texts llama.cpp's tokenizer splits exactly as the HF tokenizer does")
+    tokenization_checked: int
+    generations: list[GreedyCheck] = Field(default_factory=list)
+    generations_from: Literal["validation", "probes"] = Field(description="whose prompts the greedy stop check answered")
+    gate_min_top1: float
+    gate_max_mean_kl: float
+    notes: list[str] = Field(default_factory=list)
+
+    @property
+    def stopped(self) -> int:
+        return sum(g.stopped for g in self.generations)
+
+
+class ExportManifest(Manifest):
+    """A GGUF export: a model (one GGUF file) or an adapter (a GGUF LoRA beside its base's GGUF), with an Ollama Modelfile."""
+
+    kind: Literal["model", "adapter"]
+    source: str = Field(description="the model or adapter exported")
+    source_fingerprint: str = Field(description="the model's fingerprint; for an adapter, its base's")
+    format: Literal["gguf"] = "gguf"
+    quant: str = Field(description="the GGUF type of the weights (for an adapter: of its base)")
+    gguf: str = Field(description="the model's GGUF file in this folder (for an adapter: its base's)")
+    lora: str | None = Field(None, description="adapters: the GGUF LoRA file (llama.cpp --lora, Ollama ADAPTER)")
+    base: str | None = None
+    base_export: str | None = Field(None, description="adapters: the export its base's GGUF comes from")
+    files: dict[str, int] = Field(default_factory=dict, description="file name -> bytes")
+    chat_template: bool = False
+    template_family: str | None = None
+    bos_token_id: int | None = None
+    eos_token_id: int | None = None
+    eot_token_id: int | None = None
+    stop_tokens: list[str] = Field(default_factory=list)
+    ollama_create: str = Field(description="the command that makes an Ollama model of this folder")
+    llama_cpp: str = Field(description="the llama-cpp-python version that converted, quantized and judged it")
+    parity: ExportParity
+    timings: dict[str, float] = Field(default_factory=dict)
+
+
 class DataFileRecord(BaseModel):
     path: str
     sha256: str
@@ -209,6 +270,10 @@ class Registry:
     # models
     def model_dir(self, name: str) -> Path:
         return self.store.path("models", name)
+
+    def twin_4bit_dir(self, model: ModelManifest, quant_type: str = "nf4", double_quant: bool = True) -> Path:
+        """Where a base's 4-bit twin lives (appliance.models.write_twin_4bit): by fingerprint and 4-bit settings."""
+        return self.store.root / "cache" / "4bit-twins" / f"{model.name}-{model.fingerprint[:12]}-{quant_type}{'-dq' if double_quant else ''}"
 
     def model(self, name: str) -> ModelManifest:
         return self._read("models", name, ModelManifest, "appliance models list", "appliance models import SOURCE --name NAME")

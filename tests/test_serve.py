@@ -111,3 +111,26 @@ def test_serve_refuses_an_open_server_it_should_not_run(tiny, args, message):
     print(text)
     assert result.exit_code == 2 and message in text and "Traceback" not in text
     assert "No such option" not in text and "Fix" in text
+
+
+def test_adapters_are_served_over_the_bases_4bit_twin_which_computes_what_training_did(tiny):
+    """Training writes the base's 4-bit twin once; with LoRA on, vLLM loads it instead of the
+    16-bit base: the weights bitsandbytes quantizes are its 4-bit values, everything else the base's."""
+    import torch
+    from safetensors.torch import load_file
+
+    from appliance.hf import roundtrip_4bit
+
+    _adapter("a")
+    model = tiny.model("tiny")
+    twin = tiny.twin_4bit_dir(model)
+    assert build_spec(tiny, "tiny", ["a"]).model_dir == twin and build_spec(tiny, "tiny", runtime_adapters=True).model_dir == twin
+    assert build_spec(tiny, "tiny").model_dir == tiny.model_dir("tiny")  # no LoRA: the base itself
+    base = load_file(str(next(tiny.model_dir("tiny").glob("*.safetensors"))))
+    served = load_file(str(next(twin.glob("*.safetensors"))))
+    assert base.keys() == served.keys()
+    name = "model.layers.0.mlp.down_proj.weight"
+    assert not torch.equal(served[name], base[name]) and served[name].dtype == base[name].dtype
+    assert torch.equal(served[name], roundtrip_4bit(base[name]).to(base[name].dtype))
+    assert torch.equal(served["model.embed_tokens.weight"], base["model.embed_tokens.weight"])
+    assert (twin / "tokenizer.json").samefile(tiny.model_dir("tiny") / "tokenizer.json")  # linked, not copied

@@ -159,7 +159,7 @@ def build_spec(
         adapter = registry.adapter(name)
         check_servable(adapter, model)
         adapters.append((adapter, registry.adapter_dir(name)))
-    spec = ServeSpec(model=model, model_dir=registry.model_dir(model_name), adapters=adapters, **options)
+    spec = ServeSpec(model=model, model_dir=serving_dir(registry, model, adapters, options.get("runtime_adapters", False)), adapters=adapters, **options)
     check_spec(spec)
     if spec.device == "auto":
         spec.device = "cuda" if gpu_present() and vllm_torch_sees_gpu(spec.python) else "cpu"
@@ -177,6 +177,19 @@ def build_spec(
         spec.max_lora_rank = limit
         spec.max_loras = spec.max_loras or max(1, len(adapters))
     return spec
+
+
+def serving_dir(registry: Registry, model: ModelManifest, adapters: list[tuple[AdapterManifest, Path]], runtime_adapters: bool) -> Path:
+    """The weights vLLM loads: with LoRA on, a base's 4-bit twin where training wrote one, since
+    QLoRA adapters learned against the 4-bit weights (appliance.models.write_twin_4bit); else the base."""
+    if model.kind != "base" or not (adapters or runtime_adapters):
+        return registry.model_dir(model.name)
+    four_bit = [a.config.get("model", {}) for a, _ in adapters if a.config.get("model", {}).get("load_in_4bit", True)]
+    settings = four_bit[0] if four_bit else {}
+    if adapters and not four_bit:
+        return registry.model_dir(model.name)  # adapters trained over 16-bit weights
+    twin = registry.twin_4bit_dir(model, settings.get("quant_type", "nf4"), settings.get("double_quant", True))
+    return twin if (twin / "config.json").is_file() else registry.model_dir(model.name)
 
 
 def check_spec(spec: ServeSpec) -> None:

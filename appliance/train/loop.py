@@ -463,6 +463,18 @@ class TrainingRun:
             self.registry.write_manifest(tmp, manifest)
         return self.adapter_dir
 
+    def write_serving_base(self) -> None:
+        """vLLM serves a QLoRA adapter over the base's 4-bit twin (appliance.models.write_twin_4bit),
+        so the server computes the model this run trained and evaluated; written once per base."""
+        spec = self.cfg.model
+        if not spec.load_in_4bit or self.cfg.task not in ("sft", "cpt", "dpo"):
+            return
+        from appliance.models import write_twin_4bit
+
+        if not (self.registry.twin_4bit_dir(self.model_manifest, spec.quant_type, spec.double_quant) / "config.json").is_file():
+            self.emit(Note("writing the base's 4-bit twin, which vLLM serves its adapters over (once per base)"))
+        write_twin_4bit(self.registry, self.model_manifest.name, spec.quant_type, spec.double_quant)
+
     # -- the whole story --------------------------------------------------------------
 
     def run(self) -> TrainResult:
@@ -511,6 +523,7 @@ class TrainingRun:
             self.save_checkpoint("final", final_eval.get(self.objective.metric))
             if self.ranks.main:
                 self.save_adapter(metrics, self.state.elapsed_s)
+                self.write_serving_base()
             distributed.barrier(self.ranks)
             adapter_dir = self.adapter_dir
         distributed.stop(self.ranks)
