@@ -447,3 +447,48 @@ def test_bad_input(build, needs_tiny, tmp_path, request):
     assert "Traceback" not in output
     assert "Fix:" in output or "problem(s) found" in output
 
+
+
+# -- export ------------------------------------------------------------------------------------------
+# Appended after the runner above: `case` registers into CASES, which the parametrize reads at
+# collection time, after the whole module has run.
+
+
+@case("export: unknown GGUF type")
+def _(tmp):
+    return ["export", "tiny", "--quant", "q7"], "'q7' is not one of"
+
+
+@case("export: unknown model or adapter")
+def _(tmp):
+    return ["export", "ghost"], "No model or adapter named 'ghost'"
+
+
+@case("export: a classification adapter", needs_tiny=True)
+def _(tmp):
+    rows = [{"text": f"good {i}", "label": "pos"} for i in range(6)] + [{"text": f"bad {i}", "label": "neg"} for i in range(6)]
+    result = CliRunner().invoke(main, train_args(write_jsonl(tmp / "c.jsonl", rows), "clf", "--recipe", "classify"), catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return ["export", "clf"], "is a classifier"
+
+
+@case("export: an --out folder that cannot be written", needs_tiny=True)
+def _(tmp):
+    (tmp / "a-file").write_text("x")
+    return ["export", "tiny", "--out", str(tmp / "a-file" / "gguf")], "Cannot write into --out"
+
+
+@case("export: an export of the same name without --overwrite", needs_tiny=True)
+def _(tmp):
+    first = CliRunner().invoke(main, ["export", "tiny", "--quant", "f16"], catch_exceptions=False)
+    assert first.exit_code == 0, first.output
+    return ["export", "tiny", "--quant", "f16"], "already in the store"
+
+
+@case("export: --ollama without ollama on PATH", needs_tiny=True)
+def _(tmp):
+    import shutil
+
+    if shutil.which("ollama"):
+        pytest.skip("ollama is installed here")
+    return ["export", "tiny", "--ollama", "tiny-chat"], "`ollama` is not on PATH"

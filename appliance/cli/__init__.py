@@ -54,11 +54,11 @@ def main() -> None:
 
 
 def _register() -> None:
-    from appliance.cli import adapters, bench, client, data, doctor, evaluate, merge, models, plan, quickstart, serve, service, train
+    from appliance.cli import adapters, bench, client, completion, data, doctor, evaluate, export, merge, models, plan, quickstart, runs, serve, service, train
 
-    for group in (models.models, data.data):
+    for group in (models.models, data.data, runs.runs, completion.completion):
         main.add_command(group)
-    for module in (quickstart, plan, train, evaluate, merge, serve, service, adapters, client, bench, doctor):
+    for module in (quickstart, plan, train, evaluate, merge, export, serve, service, adapters, client, bench, doctor):
         for command in module.commands:
             main.add_command(command)
 

@@ -177,6 +177,7 @@ def bench_merge(adapter, dtypes, save, as_json) -> None:
     What decides `appliance merge`'s default weights. Example:
       appliance bench merge facts --save
     """
+    registry().adapter(adapter)  # a typo fails here, before torch is imported
     from rich.table import Table
 
     from appliance import ui
@@ -199,6 +200,45 @@ def bench_merge(adapter, dtypes, save, as_json) -> None:
         relative = max(e["mean_kl"], 0.0) / max(p["adapter_effect_kl"], 1e-12)
         table.add_row(row["weights"], row["dtype"], f"{e['top1_agreement']:.2%}", f"{e['top1_agreement_all']:.2%}", f"{e['mean_kl']:.2e}",
                       f"{relative:.2%}", "[green]pass[/]" if row["passed"] else "[red]fail[/]")
+    ui.console.print(table)
+    if payload.get("saved"):
+        ui.console.print(f"saved: {payload['saved']}")
+
+
+@bench.command("export")
+@click.argument("name")
+@click.option("--quant", "quants", multiple=True, help="GGUF types to compare (repeat; default: f16, q8_0, q6_k, q5_k_m, q4_k_m)")
+@click.option("--save", is_flag=True, help="write the result into bench/results/ (the README's export figures)")
+@json_option
+def bench_export(name, quants, save, as_json) -> None:
+    """Export NAME (a model or adapter) at several GGUF types and judge each in llama.cpp against
+    the original: file size, time, top-1 agreement, mean KL, greedy answers; nothing is kept.
+
+    \b
+    What the export's gates are measured from. Example:
+      appliance bench export smollm2-facts --quant f16 --quant q8_0 --quant q4_k_m --save
+    """
+    from rich.table import Table
+
+    from appliance import ui
+    from appliance.bench.export import DEFAULT_QUANTS, compare_exports
+    from appliance.hardware import describe
+    from appliance.results import save_result
+
+    rows = compare_exports(registry(), name, tuple(quants) or DEFAULT_QUANTS, progress=_progress(as_json))
+    payload = {"name": name, "rows": [row.model_dump(mode="json") for row in rows]}
+    if save:
+        payload["saved"] = str(save_result("export", payload, describe()))
+    if as_json:
+        print_json(payload)
+        return
+    table = Table("type", "GGUF MiB", "seconds", "top-1 at clear positions", "top-1, all", "mean KL", "answers stopped", "same answers", "gate",
+                  title=f"exporting {name}, against the original in fp32")
+    for row in rows:
+        a, answers = row.parity.agreement, row.parity.generations
+        table.add_row(row.quant, f"{row.gguf_bytes / 2**20:.1f}", f"{row.seconds.get('total_s', 0):g}", f"{a.top1_agreement:.2%}", f"{a.top1_agreement_all:.2%}",
+                      f"{a.mean_kl:.2e}", f"{row.parity.stopped}/{len(answers)}", f"{sum(g.same_as_reference for g in answers)}/{len(answers)}",
+                      "[green]pass[/]" if row.passed else "[red]fail[/]")
     ui.console.print(table)
     if payload.get("saved"):
         ui.console.print(f"saved: {payload['saved']}")

@@ -67,7 +67,7 @@ def _rows(m) -> dict[str, object]:
 @models.command("list")
 @json_option
 def list_(as_json: bool) -> None:
-    """Models in the store.
+    """Models in the store, then their GGUF exports.
 
     \b
     Examples:
@@ -90,6 +90,12 @@ def list_(as_json: bool) -> None:
         r = _rows(m)
         table.add_row(m.name, m.kind, r["parameters"], m.dtype, str(m.context_length), r["chat template"], m.fingerprint)
     ui.console.print(table)
+    from appliance.cli.export import exports_table
+    from appliance.export import list_exports
+
+    exported = list_exports(registry())
+    if exported:  # GGUF exports (`appliance exports --json` lists them for scripts)
+        ui.console.print(exports_table(exported))
 
 
 @models.command("show")
