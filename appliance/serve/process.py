@@ -36,6 +36,8 @@ CAUSES = (
     ("out of memory", "the model does not fit in memory", "use a smaller model or lower --max-model-len"),
     ("ModuleNotFoundError", "a Python package is missing in vLLM's environment", "reinstall: make install (or pip install vllm)"),
     ("is not supported", "vLLM does not support this model or setting", "check the model's architecture and the flags"),
+    ("Error while deserializing header", "a weights file of the model is damaged or incomplete",
+     "import the model again (appliance models import SOURCE --name NAME --overwrite)"),
     ("Error loading", "a model or adapter file could not be read", "check the model and adapter folders"),
 )
 
@@ -107,18 +109,34 @@ def check_port(host: str, port: int) -> None:
             ) from None
 
 
-def log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> list[str]:
-    """The end of a log; when it ends in a Python exception, that exception's lines
-    (what tells) rather than the stack frames before them."""
+# vLLM's processes prefix their lines: "(EngineCore pid=42) ERROR 11-29 11:56:28 [core.py:1510] ".
+VLLM_PREFIX = re.compile(r"^\(\w+ pid=\d+\) [A-Z]+ \S+ \S+ \[[^\]]*\] ")
+EXCEPTION = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Exit)\b.*")
+
+
+def _log_lines(path: Path) -> list[str]:
     try:
-        text = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
+        return [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
     except OSError:
         return []
-    exception = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Exit)\b.*")
-    last = max((i for i, line in enumerate(text) if exception.match(line)), default=None)
-    if last is None:
+
+
+def _error_lines(lines: list[str]) -> list[str]:
+    """vLLM's ERROR and CRITICAL lines and unprefixed ones (a plain traceback); not the INFO lines
+    that echo its settings, which would match every cause."""
+    return [line for line in lines if not VLLM_PREFIX.match(line) or re.match(r"^\(\w+ pid=\d+\) (ERROR|CRITICAL) ", line)]
+
+
+def log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> list[str]:
+    """What tells in a log: the first exception raised (vLLM's worker's root cause, before the
+    engine's "see root cause above") and the last one, without the stack frames; else its end."""
+    text = _log_lines(path)
+    found = [i for i, line in enumerate(text) if EXCEPTION.match(VLLM_PREFIX.sub("", line))]
+    if not found:
         return text[-lines:]
-    return text[last:][:lines]
+    first, last = found[0], found[-1]
+    shown = [text[first]] if first != last else []
+    return shown + text[last:][: lines - len(shown)]
 
 
 def likely_cause(lines: list[str]) -> tuple[str, str]:
@@ -179,7 +197,7 @@ class VllmProcess:
         while time.time() - started < timeout:
             if self.proc.poll() is not None:
                 tail = log_tail(self.log_path)
-                cause, fix = likely_cause(tail)
+                cause, fix = likely_cause(_error_lines(_log_lines(self.log_path)))  # the root cause may be far above the end
                 raise ApplianceError(
                     f"vLLM exited during start-up (exit code {self.proc.returncode}); likely cause: {cause}. Last lines of {self.log_path}:",
                     fix,
