@@ -95,3 +95,25 @@ def test_vllm_serves_the_base_with_the_adapter_as_a_lora_module(facts):
         server.stop()
     assert all(a.finish_reason == "stop" for a in tuned)
     _check(base, [a.text for a in tuned])
+
+
+@pytest.mark.slow
+def test_an_adapter_of_the_served_base_loads_by_name_on_its_first_request(facts):
+    """vLLM's filesystem resolver over the store's adapters: a request naming 'facts' loads it on
+    first use (nothing loaded it before); a name that is no adapter is one clear error."""
+    from appliance.errors import ApplianceError
+    from appliance.serve import served_models
+
+    server, endpoint = serve_for_test(facts, "smollm2", port=8125, runtime_adapters=True)
+    try:
+        before = [m["id"] for m in served_models(endpoint)]
+        answers = [(q, ask(endpoint, q.question, model="facts", max_tokens=64)) for q in FACTS]
+        after = [m["id"] for m in served_models(endpoint)]
+        with pytest.raises(ApplianceError) as missing:
+            ask(endpoint, "Hello", model="no-such-adapter", max_tokens=8)
+    finally:
+        server.stop()
+    print("\n".join(f"  {q.question} → {a.text!r}" for q, a in answers))
+    assert "facts" not in before and "facts" in after
+    assert sum(q.right(a.text) for q, a in answers) == len(FACTS)
+    assert "no-such-adapter" in missing.value.message

@@ -140,3 +140,6 @@ def test_adapters_are_served_over_the_bases_4bit_twin_which_computes_what_traini
     assert torch.equal(served[name], roundtrip_4bit(base[name]).to(base[name].dtype))
     assert torch.equal(served["model.embed_tokens.weight"], base["model.embed_tokens.weight"])
     assert (twin / "tokenizer.json").samefile(tiny.model_dir("tiny") / "tokenizer.json")  # linked, not copied
+    # A running server is matched to the store by the folder it loaded: the twin is the base's.
+    assert tiny.holds_weights_of(model, twin) and tiny.holds_weights_of(model, tiny.model_dir("tiny"))
+    assert not tiny.holds_weights_of(model, tiny.adapter_dir("a"))

@@ -1,12 +1,13 @@
 """Per-domain adapters in a running server, swapped without a restart.
 
-We use vLLM's runtime LoRA API (`POST /v1/load_lora_adapter`,
-`/v1/unload_lora_adapter`, enabled by VLLM_ALLOW_RUNTIME_LORA_UPDATING) rather
-than its filesystem resolver: loading is explicit and answers at once (a bad
-path is an error now, not a 404 on some later request), adapters can be
-unloaded, and the API key guards both routes. The resolver loads lazily on a
-request's first use and only for adapters whose `base_model_name_or_path` is
-exactly the server's `--model` path.
+Two ways in, both vLLM's: its runtime LoRA API (`POST /v1/load_lora_adapter`,
+`/v1/unload_lora_adapter`, enabled by VLLM_ALLOW_RUNTIME_LORA_UPDATING), used
+here: loading is explicit and answers at once (a bad path is an error now, not
+a 404 on some later request), adapters can be unloaded, and the API key guards
+both routes. And its filesystem resolver, pointed at the store's adapters
+(serve.command.vllm_env): a request naming an adapter of the served base loads
+it on first use; it offers only adapters whose `base_model_name_or_path` is the
+server's `--model` folder, which training writes.
 
 Before anything is sent, the adapter's base fingerprint is compared with the
 served base's, and its rank with the server's limit.
@@ -40,7 +41,7 @@ def served(endpoint: Endpoint, registry: Registry) -> Served:
     root = roots[0]
     base = None
     for manifest in registry.models():
-        if Path(root.get("root") or "").resolve() == registry.model_dir(manifest.name).resolve():
+        if root.get("root") and registry.holds_weights_of(manifest, Path(root["root"])):
             base = manifest
             break
     return Served(base, root["id"], [m["id"] for m in models if m.get("parent")])

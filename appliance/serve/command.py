@@ -81,6 +81,7 @@ class ServeSpec:
     max_lora_rank: int | None = None  # None: sized from the adapters
     max_loras: int | None = None
     runtime_adapters: bool = False  # LoRA on even without adapters, for `appliance adapters load` later
+    adapters_root: Path | None = None  # the store's adapters: vLLM's filesystem resolver loads them by name
     gpu_memory_utilization: float | None = None  # None: from the free memory (gpu_memory_utilization)
     quantization: str | None = None  # "auto": chosen when the weights do not fit; "none", "fp8", "bitsandbytes"
     # vLLM's own parallelism: each layer split over tensor_parallel_size GPUs, the layers over
@@ -169,14 +170,29 @@ def build_spec(
     else:
         spec.quantization = None
     if spec.lora_enabled:
-        limit = lora_rank_limit([a.rank for a, _ in adapters]) if spec.max_lora_rank is None else spec.max_lora_rank
+        # Sized for every adapter the server may load: those given, and those of its base in the
+        # store, which vLLM's filesystem resolver loads by name on their first request.
+        on_demand = [a for a in registry.adapters() if a.base_fingerprint == model.fingerprint and _servable(a, model)]
+        if model.kind == "base":
+            spec.adapters_root = registry.store.root / "adapters"
+            spec.adapters_root.mkdir(parents=True, exist_ok=True)  # vLLM refuses to start on a missing folder
+        limit = lora_rank_limit([a.rank for a, _ in adapters] + [a.rank for a in on_demand]) if spec.max_lora_rank is None else spec.max_lora_rank
         if limit not in VLLM_LORA_RANKS:
             raise ApplianceError(f"--max-lora-rank {limit} is not one vLLM accepts.", f"use one of {', '.join(map(str, VLLM_LORA_RANKS))}")
         for adapter, _ in adapters:
             check_servable(adapter, model, limit)
         spec.max_lora_rank = limit
-        spec.max_loras = spec.max_loras or max(1, len(adapters))
+        # Slots for adapters in one batch: the given ones, at least 2 when others may arrive on demand.
+        spec.max_loras = spec.max_loras or max(1, len(adapters), min(2, len(on_demand)))
     return spec
+
+
+def _servable(adapter: AdapterManifest, model: ModelManifest) -> bool:
+    try:
+        check_servable(adapter, model)
+    except ApplianceError:
+        return False
+    return True
 
 
 def serving_dir(registry: Registry, model: ModelManifest, adapters: list[tuple[AdapterManifest, Path]], runtime_adapters: bool) -> Path:
@@ -296,6 +312,11 @@ def vllm_env(spec: ServeSpec) -> dict[str, str]:
         # Enables /v1/load_lora_adapter and /v1/unload_lora_adapter: domains switch without a restart.
         # vLLM calls this risky on an exposed server, so we bind to 127.0.0.1 and require the API key.
         env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
+        if spec.adapters_root is not None:
+            # An adapter asked for by name loads on its first request. vLLM offers only adapters whose
+            # adapter_config's base_model_name_or_path is the folder it serves, which training writes:
+            # adapters of other bases are never offered.
+            env["VLLM_LORA_RESOLVER_CACHE_DIR"] = str(spec.adapters_root)
     return env
 
 

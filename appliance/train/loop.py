@@ -440,8 +440,9 @@ class TrainingRun:
         with atomic_dir(self.adapter_dir, overwrite=True) as tmp:
             self.model.save_pretrained(str(tmp), safe_serialization=True)
             adapter_config = read_json(tmp / "adapter_config.json")
-            # vLLM's filesystem resolver matches this against the server's --model path.
-            adapter_config["base_model_name_or_path"] = str(self.model_dir)
+            # vLLM's filesystem resolver offers an adapter only to a server whose --model is this
+            # path: the folder vLLM serves this adapter over (serve.command.serving_dir).
+            adapter_config["base_model_name_or_path"] = str(self.serving_folder())
             (tmp / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2))
             targets = adapter_config.get("target_modules") or []
             manifest = AdapterManifest(
@@ -463,15 +464,22 @@ class TrainingRun:
             self.registry.write_manifest(tmp, manifest)
         return self.adapter_dir
 
+    def serving_folder(self) -> Path:
+        """The folder vLLM loads to serve this run's adapter: the base's 4-bit twin for a QLoRA adapter."""
+        spec = self.cfg.model
+        if spec.load_in_4bit and self.cfg.task in ("sft", "cpt", "dpo"):
+            return self.registry.twin_4bit_dir(self.model_manifest, spec.quant_type, spec.double_quant)
+        return self.model_dir
+
     def write_serving_base(self) -> None:
         """vLLM serves a QLoRA adapter over the base's 4-bit twin (appliance.models.write_twin_4bit),
         so the server computes the model this run trained and evaluated; written once per base."""
         spec = self.cfg.model
-        if not spec.load_in_4bit or self.cfg.task not in ("sft", "cpt", "dpo"):
+        if self.serving_folder() == self.model_dir:
             return
         from appliance.models import write_twin_4bit
 
-        if not (self.registry.twin_4bit_dir(self.model_manifest, spec.quant_type, spec.double_quant) / "config.json").is_file():
+        if not (self.serving_folder() / "config.json").is_file():
             self.emit(Note("writing the base's 4-bit twin, which vLLM serves its adapters over (once per base)"))
         write_twin_4bit(self.registry, self.model_manifest.name, spec.quant_type, spec.double_quant)
 
