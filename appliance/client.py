@@ -31,9 +31,14 @@ def _translate(err: Exception, endpoint: Endpoint, model: str | None = None) -> 
             "set APPLIANCE_API_KEY (see `appliance service key`) or pass --api-key",
         )
     if isinstance(err, openai.NotFoundError):
+        try:  # the names it does serve, so a typo shows at once
+            names = ", ".join(m["id"] for m in served_models(endpoint)) or "none"
+        except ApplianceError:
+            names = "unknown (see GET /v1/models)"
         return ApplianceError(
-            f"The server at {endpoint.url} does not serve {model!r}.",
-            "see the served names with `appliance adapters list` or GET /v1/models; load an adapter with `appliance adapters load NAME`",
+            f"The server at {endpoint.url} does not serve {model!r}; it serves: {names}.",
+            "ask one of those, or an adapter of the served base by its name (it loads on first use); "
+            "`appliance adapters load NAME` loads one explicitly",
         )
     if isinstance(err, openai.APIStatusError):
         return ApplianceError(f"The server answered {err.status_code}: {err.message}", "see the server's log")

@@ -83,6 +83,12 @@ def sparkline(values: list[float], width: int = 40) -> str:
     return "".join(bars[min(len(bars) - 1, int((v - lo) / span * (len(bars) - 1)))] for v in values)
 
 
+def agreement_line(a, min_top1: float, max_mean_kl: float) -> str:
+    """A parity check's figures against its gates: the merge's and the export's read the same."""
+    return (f"top-1 agreement {a.top1_agreement:.2%} at {a.clear_positions} clear positions (gate {min_top1:.0%}), "
+            f"{a.top1_agreement_all:.2%} at all; mean KL {a.mean_kl:.2e} (gate {max_mean_kl:g})")
+
+
 # The colors curves take in turn (plotext's palette codes), so a run keeps its color in every chart.
 CURVE_COLORS = (12, 9, 10, 13, 14, 11)
 

@@ -92,4 +92,4 @@ def test_vllm_serves_the_base_and_loads_the_adapter_by_name_on_its_first_request
     assert "facts" not in before and "facts" in after
     assert all(a.finish_reason == "stop" for a in tuned)
     _check(base, [a.text for a in tuned])
-    assert "no-such-adapter" in missing.value.message
+    assert "no-such-adapter" in missing.value.message and "it serves: smollm2" in missing.value.message

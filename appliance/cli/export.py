@@ -65,8 +65,7 @@ def show_export(result) -> None:
     ui.console.print(
         f"[green]exported[/] {m.source} as {m.quant} GGUF in {m.timings.get('total_s', 0):g} s: {files}\n"
         f"  against {p.reference} ({p.prompts} probe prompts, {p.validation_examples} validation answers, {a.positions} positions):\n"
-        f"  top-1 agreement {a.top1_agreement:.2%} at {a.clear_positions} clear positions (gate {p.gate_min_top1:.0%}), "
-        f"{a.top1_agreement_all:.2%} at all; mean KL {a.mean_kl:.2e} (gate {p.gate_max_mean_kl:g})\n"
+        f"  {ui.agreement_line(a, p.gate_min_top1, p.gate_max_mean_kl)}\n"
         f"  {stopped}; {sum(g.same_as_reference for g in p.generations)} the same as the reference's; "
         f"tokenizer {p.tokenization_matches}/{p.tokenization_checked} texts identical",
         highlight=False,

@@ -48,8 +48,7 @@ def merge(adapter: str, name: str | None, weights: str, dtype: str, overwrite: b
         f"[green]merged[/] {manifest.name}: {p.weights} weights + adapter, stored in {p.dtype}\n"
         f"  against the model you evaluated (4-bit base + adapter, {p.compute_dtype}; {p.prompts} probe prompts, "
         f"{p.validation_examples} validation answers, {e.positions} positions):\n"
-        f"  top-1 agreement {e.top1_agreement:.2%} at {e.clear_positions} clear positions (gate {p.gate_min_top1:.0%}), "
-        f"{e.top1_agreement_all:.2%} at all; mean KL {e.mean_kl:.2e} (gate {p.gate_max_mean_kl:g}); max |Δlogit| {e.max_abs_logit_diff:.2e}",
+        f"  {ui.agreement_line(e, p.gate_min_top1, p.gate_max_mean_kl)}; max |Δlogit| {e.max_abs_logit_diff:.2e}",
         highlight=False,
     )
     for note in p.notes:
