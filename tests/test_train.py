@@ -35,7 +35,9 @@ def test_a_run_leaves_a_self_describing_adapter(tiny):
     adapter = result.adapter_dir
     assert (adapter / "adapter_model.safetensors").is_file()
     peft_config = json.loads((adapter / "adapter_config.json").read_text())
-    assert peft_config["base_model_name_or_path"] == str(tiny.model_dir("tiny"))
+    # The folder vLLM serves it over: the base's 4-bit twin, written by the run (see test_serve).
+    twin = tiny.twin_4bit_dir(tiny.model("tiny"))
+    assert peft_config["base_model_name_or_path"] == str(twin) and (twin / "config.json").is_file()
     assert peft_config["r"] == 16
     manifest = tiny.adapter("demo")
     assert manifest.target_modules == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
