@@ -18,6 +18,7 @@ from pathlib import Path
 from appliance.errors import ApplianceError
 from appliance.hardware import gpu_present
 from appliance.registry import AdapterManifest, ModelManifest, Registry
+from appliance.store import read_json
 
 # vLLM accepts only these values for --max-lora-rank.
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
@@ -196,16 +197,15 @@ def _servable(adapter: AdapterManifest, model: ModelManifest) -> bool:
 
 
 def serving_dir(registry: Registry, model: ModelManifest, adapters: list[tuple[AdapterManifest, Path]], runtime_adapters: bool) -> Path:
-    """The weights vLLM loads: with LoRA on, a base's 4-bit twin where training wrote one, since
-    QLoRA adapters learned against the 4-bit weights (appliance.models.write_twin_4bit); else the base."""
+    """The weights vLLM loads. With LoRA on: the folder training named as the adapters' base (a QLoRA
+    adapter's is the base's 4-bit twin, appliance.models.write_twin_4bit), the default twin when none is
+    given; the base itself where that folder is not there (or is no folder of this base)."""
+    base = registry.model_dir(model.name)
     if model.kind != "base" or not (adapters or runtime_adapters):
-        return registry.model_dir(model.name)
-    four_bit = [a.config.get("model", {}) for a, _ in adapters if a.config.get("model", {}).get("load_in_4bit", True)]
-    settings = four_bit[0] if four_bit else {}
-    if adapters and not four_bit:
-        return registry.model_dir(model.name)  # adapters trained over 16-bit weights
-    twin = registry.twin_4bit_dir(model, settings.get("quant_type", "nf4"), settings.get("double_quant", True))
-    return twin if (twin / "config.json").is_file() else registry.model_dir(model.name)
+        return base
+    named = [Path(read_json(path / "adapter_config.json").get("base_model_name_or_path") or base) for _, path in adapters]
+    folder = named[0] if named else registry.twin_4bit_dir(model)
+    return folder if registry.holds_weights_of(model, folder) and (folder / "config.json").is_file() else base
 
 
 def check_spec(spec: ServeSpec) -> None:
