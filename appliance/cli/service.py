@@ -50,7 +50,7 @@ def install(model, system, run_as, overwrite, dry_run, no_wait, ray_head, ray_po
     from appliance.errors import ApplianceError
     from appliance.serve import check_port, require_vllm
     from appliance.serve.process import require_ray
-    from appliance.serve.service import Paths, RAY_UNIT_NAME, install as install_service, install_ray, new_api_key, redact, render, render_ray
+    from appliance.serve.service import Paths, install as install_service, install_ray, new_api_key, ray_unit_path, redact, render, render_ray
 
     scope = "system" if system else "user"
     store = registry().store
@@ -62,7 +62,7 @@ def install(model, system, run_as, overwrite, dry_run, no_wait, ray_head, ray_po
         # A Ray worker: it serves nothing itself; the head's vLLM places its GPU workers here.
         rendered = render_ray(python, store, paths, address=options["ray_address"], on_gpu=_gpu_here(), run_as=run_as)
         if dry_run:
-            click.echo(f"# --- {paths.unit.with_name(RAY_UNIT_NAME)}\n{rendered.unit}")
+            click.echo(f"# --- {ray_unit_path(paths)}\n{rendered.unit}")
             ui.err_console.print("[dim]dry run: nothing was written[/]")
             return
         require_ray(python)
@@ -83,7 +83,7 @@ def install(model, system, run_as, overwrite, dry_run, no_wait, ray_head, ray_po
         key = new_api_key()
         # Exact file contents, unwrapped, so they can be read and diffed.
         if ray_rendered:
-            click.echo(f"# --- {paths.unit.with_name(RAY_UNIT_NAME)}\n{ray_rendered.unit}")
+            click.echo(f"# --- {ray_unit_path(paths)}\n{ray_rendered.unit}")
         rendered = render(spec, store, paths, key, run_as, ray_head)
         click.echo(f"# --- {paths.unit}\n{rendered.unit}")
         click.echo(f"# --- {paths.env} (mode 0600)\n{rendered.env.replace(key, redact(key))}")
@@ -94,7 +94,7 @@ def install(model, system, run_as, overwrite, dry_run, no_wait, ray_head, ray_po
         require_ray(spec.python)
     record = install_service(spec, store, scope=scope, force=overwrite, run_as=run_as, ray_head=ray_rendered)
     if ray_rendered:
-        ui.console.print(f"[green]installed[/] {paths.unit.with_name(RAY_UNIT_NAME)}: the Ray head; on each other machine: "
+        ui.console.print(f"[green]installed[/] {ray_unit_path(paths)}: the Ray head; on each other machine: "
                          f"appliance service install --ray-address THIS_HOST:{ray_port}")
     ui.console.print(f"[green]installed[/] {record['unit']} (env {record['env_file']}, mode 0600)")
     if no_wait:

@@ -135,6 +135,10 @@ def ray_unit_path(paths: Paths) -> Path:
     return paths.unit.with_name(RAY_UNIT_NAME)
 
 
+def ray_env_path(paths: Paths) -> Path:
+    return paths.env.with_name("ray.env")
+
+
 def ray_command(python: str, store: Store, *, head_port: int | None = None, address: str | None = None) -> list[str]:
     """`ray start` for a head (listening on head_port) or a worker (joining address), in the foreground."""
     ray = str(Path(python).with_name("ray"))  # the console script of the interpreter that has vLLM
@@ -155,7 +159,7 @@ def render_ray(python: str, store: Store, paths: Paths, *, head_port: int | None
         "role": role,
         "install_flags": "MODEL --ray-head" if role == "head" else f"--ray-address {address}",
         "user_line": f"User={run_as}\n" if paths.scope == "system" and run_as else "",
-        "env_file": str(paths.env.with_name("ray.env")),
+        "env_file": str(ray_env_path(paths)),
         "store_root": str(store.root),
         "exec_start": shell_line(cmd),
         "exec_stop": shell_line([cmd[0], "stop"]),
@@ -173,7 +177,7 @@ def install_ray(rendered: Rendered, store: Store, paths: Paths) -> Path:
     require_systemd(paths.scope)
     (store.root / "service" / "cache" / "ray").mkdir(parents=True, exist_ok=True)
     unit = ray_unit_path(paths)
-    atomic_write(paths.env.with_name("ray.env"), rendered.env, mode=0o600)
+    atomic_write(ray_env_path(paths), rendered.env, mode=0o600)
     atomic_write(unit, rendered.unit, mode=0o644)
     systemctl(paths.scope, "daemon-reload")
     systemctl(paths.scope, "enable", "--now", RAY_UNIT_NAME)
@@ -187,7 +191,7 @@ def uninstall_ray(paths: Paths) -> bool:
         return False
     systemctl(paths.scope, "disable", "--now", RAY_UNIT_NAME, check=False)
     unit.unlink(missing_ok=True)
-    paths.env.with_name("ray.env").unlink(missing_ok=True)
+    ray_env_path(paths).unlink(missing_ok=True)
     systemctl(paths.scope, "daemon-reload", check=False)
     return True
 
