@@ -273,14 +273,14 @@ class Registry:
 
     def twin_4bit_dir(self, model: ModelManifest, quant_type: str = "nf4", double_quant: bool = True) -> Path:
         """Where a base's 4-bit twin lives (appliance.models.write_twin_4bit): by fingerprint and 4-bit settings."""
-        return self.store.root / "cache" / "4bit-twins" / f"{model.name}-{model.fingerprint[:12]}-{quant_type}{'-dq' if double_quant else ''}"
+        return self.store.root / "cache" / "4bit-twins" / f"{_twin_prefix(model)}{quant_type}{'-dq' if double_quant else ''}"
 
     def holds_weights_of(self, model: ModelManifest, folder: Path) -> bool:
         """Whether a server loading `folder` serves `model`: its own folder, or one of its 4-bit twins."""
         folder = folder.resolve()
         twins = self.twin_4bit_dir(model).parent.resolve()
         return folder == self.model_dir(model.name).resolve() or (
-            folder.parent == twins and folder.name.startswith(f"{model.name}-{model.fingerprint[:12]}-"))
+            folder.parent == twins and folder.name.startswith(_twin_prefix(model)))
 
     def model(self, name: str) -> ModelManifest:
         return self._read("models", name, ModelManifest, "appliance models list", "appliance models import SOURCE --name NAME")
@@ -368,3 +368,8 @@ class Registry:
 
 def what_of(kind: str) -> str:
     return kind.rstrip("s")
+
+
+def _twin_prefix(model: ModelManifest) -> str:
+    """A base's 4-bit twins are named by its name and fingerprint, then their 4-bit settings."""
+    return f"{model.name}-{model.fingerprint[:12]}-"
