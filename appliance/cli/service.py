@@ -48,57 +48,39 @@ def install(model, system, run_as, overwrite, dry_run, no_wait, ray_head, ray_po
     """
     from appliance import ui
     from appliance.errors import ApplianceError
-    from appliance.serve import check_port, require_vllm
-    from appliance.serve.process import require_ray
-    from appliance.serve.service import Paths, install as install_service, install_ray, new_api_key, ray_unit_path, redact, render, render_ray
+    from appliance.hardware import gpu_present
+    from appliance.serve.service import install as install_service, plan_install, plan_ray_worker, ray_unit_path
 
-    scope = "system" if system else "user"
-    store = registry().store
-    paths = Paths.for_scope(scope)
-    python = options["python"] or sys.executable
+    scope, store, address = "system" if system else "user", registry().store, options["ray_address"]
+    if model is None and not (address and not ray_head):
+        raise ApplianceError("Which model should the service serve?", "appliance service install MODEL (or, on a Ray worker machine, --ray-address HEAD:PORT alone)")
+    if ray_head and address:
+        raise ApplianceError("--ray-head starts a cluster here; --ray-address joins another.", "pass one of them")
     if model is None:
-        if not options["ray_address"] or ray_head:
-            raise ApplianceError("Which model should the service serve?", "appliance service install MODEL (or, on a Ray worker machine, --ray-address HEAD:PORT alone)")
-        # A Ray worker: it serves nothing itself; the head's vLLM places its GPU workers here.
-        rendered = render_ray(python, store, paths, address=options["ray_address"], on_gpu=_gpu_here(), run_as=run_as)
-        if dry_run:
-            click.echo(f"# --- {ray_unit_path(paths)}\n{rendered.unit}")
-            ui.err_console.print("[dim]dry run: nothing was written[/]")
-            return
-        require_ray(python)
-        unit = install_ray(rendered, store, paths)
-        ui.console.print(f"[green]installed[/] {unit}: this machine joins the Ray cluster at {options['ray_address']}")
-        return
-    if ray_head:
-        if options["ray_address"]:
-            raise ApplianceError("--ray-head starts a cluster here; --ray-address joins another.", "pass one of them")
-        options["ray_address"] = f"127.0.0.1:{ray_port}"
-    options["runtime_adapters"] = True
-    spec = spec_from_options(model, **options)
-    if scope == "user" and spec.port < 1024:
-        raise ApplianceError(f"Port {spec.port} is privileged: a user unit cannot bind it.", "use a port from 1024 up, or install a system unit (--system)")
-    check_port(spec.host, spec.port)  # a unit on a taken port would restart until its start limit, serving nothing
-    ray_rendered = render_ray(python, store, paths, head_port=ray_port, on_gpu=spec.on_gpu, run_as=run_as) if ray_head else None
+        plan = plan_ray_worker(options["python"] or sys.executable, store, address=address, on_gpu=gpu_present(), scope=scope, run_as=run_as)
+    else:
+        address = options["ray_address"] = f"127.0.0.1:{ray_port}" if ray_head else address
+        spec = spec_from_options(model, **{**options, "runtime_adapters": True})
+        plan = plan_install(spec, store, scope=scope, run_as=run_as, ray_head_port=ray_port if ray_head else None)
     if dry_run:
-        key = new_api_key()
-        # Exact file contents, unwrapped, so they can be read and diffed.
-        if ray_rendered:
-            click.echo(f"# --- {ray_unit_path(paths)}\n{ray_rendered.unit}")
-        rendered = render(spec, store, paths, key, run_as, ray_head)
-        click.echo(f"# --- {paths.unit}\n{rendered.unit}")
-        click.echo(f"# --- {paths.env} (mode 0600)\n{rendered.env.replace(key, redact(key))}")
+        click.echo(plan.preview())
         ui.err_console.print("[dim]dry run: nothing was written[/]")
         return
-    require_vllm(spec.python)
-    if spec.ray_address:
-        require_ray(spec.python)
-    record = install_service(spec, store, scope=scope, force=overwrite, run_as=run_as, ray_head=ray_rendered)
-    if ray_rendered:
-        ui.console.print(f"[green]installed[/] {ray_unit_path(paths)}: the Ray head; on each other machine: "
-                         f"appliance service install --ray-address THIS_HOST:{ray_port}")
-    ui.console.print(f"[green]installed[/] {record['unit']} (env {record['env_file']}, mode 0600)")
-    if no_wait:
+    record = install_service(plan, store, force=overwrite)
+    if plan.ray:
+        joins = f"this machine joins the Ray cluster at {address}" if record is None else \
+            f"the Ray head; on each other machine: appliance service install --ray-address THIS_HOST:{ray_port}"
+        ui.console.print(f"[green]installed[/] {ray_unit_path(plan.paths)}: {joins}")
+    if record is None:
         return
+    ui.console.print(f"[green]installed[/] {record['unit']} (env {record['env_file']}, mode 0600)")
+    if not no_wait:
+        _wait_until_ready(plan.spec)
+
+
+def _wait_until_ready(spec) -> None:
+    from appliance import ui
+    from appliance.errors import ApplianceError
     from appliance.serve.health import wait
 
     with ui.Spinner("waiting for vLLM to answer /health") as spinner:
@@ -108,12 +90,6 @@ def install(model, system, run_as, overwrite, dry_run, no_wait, ray_head, ray_po
     if not ok:
         raise ApplianceError(f"The service did not answer {spec.url}/health.", "see `appliance service logs`")
     ui.console.print(f"[green]ready[/] at {spec.url}/v1 · served: {', '.join(spec.served_names)} · key: `appliance service key`")
-
-
-def _gpu_here() -> bool:
-    from appliance.hardware import gpu_present
-
-    return gpu_present()
 
 
 @service.command()

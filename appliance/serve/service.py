@@ -21,6 +21,7 @@ from string import Template
 
 from appliance.errors import ApplianceError
 from appliance.serve.command import LOCAL_HOSTS, ServeSpec, shell_line, vllm_command, vllm_env
+from appliance.serve.process import check_port, require_ray, require_vllm
 from appliance.store import Store, atomic_write, atomic_write_json, read_json
 
 UNIT_NAME = "appliance-vllm.service"
@@ -276,35 +277,73 @@ def write_files(paths: Paths, rendered: Rendered) -> None:
     atomic_write(paths.unit, rendered.unit, mode=0o644)
 
 
-def install(
-    spec: ServeSpec,
-    store: Store,
-    *,
-    scope: str = "user",
-    force: bool = False,
-    run_as: str | None = None,
-    ray_head: Rendered | None = None,
-) -> dict:
-    """Write env file and unit, reload systemd, enable and start; return the record.
-    `ray_head`: this machine's Ray head unit (render_ray), installed and started first."""
+@dataclass(frozen=True)
+class InstallPlan:
+    """What `service install` writes on this machine, checked and rendered; nothing written yet."""
+
+    paths: Paths
+    python: str
+    spec: ServeSpec | None  # None on a Ray worker: the head's vLLM places its GPU workers there
+    serving: Rendered | None  # vLLM's unit and env file
+    api_key: str | None
+    ray: Rendered | None  # this machine's Ray node: the head (vLLM starts after it) or a worker
+    ray_address: str | None = None
+
+    def preview(self) -> str:
+        """The exact file contents, key redacted, for --dry-run."""
+        parts = [f"# --- {ray_unit_path(self.paths)}\n{self.ray.unit}"] if self.ray else []
+        if self.serving and self.api_key:
+            parts += [f"# --- {self.paths.unit}\n{self.serving.unit}",
+                      f"# --- {self.paths.env} (mode 0600)\n{self.serving.env.replace(self.api_key, redact(self.api_key))}"]
+        return "\n".join(parts)
+
+
+def _run_as(scope: str, run_as: str | None) -> str | None:
+    return (run_as or os.environ.get("SUDO_USER") or None) if scope == "system" else run_as
+
+
+def plan_install(spec: ServeSpec, store: Store, *, scope: str = "user", run_as: str | None = None, ray_head_port: int | None = None) -> InstallPlan:
+    """Check and render a serving install; with ray_head_port this machine is also the head of a Ray cluster."""
+    if scope == "user" and spec.port < 1024:
+        raise ApplianceError(f"Port {spec.port} is privileged: a user unit cannot bind it.", "use a port from 1024 up, or install a system unit (--system)")
+    check_port(spec.host, spec.port)  # a unit on a taken port would restart until its start limit, serving nothing
     paths = Paths.for_scope(scope)
+    run_as = _run_as(scope, run_as)
+    key = existing_key(paths) or new_api_key()
+    ray = None if ray_head_port is None else render_ray(spec.python, store, paths, head_port=ray_head_port, on_gpu=spec.on_gpu, run_as=run_as)
+    serving = render(spec, store, paths, key, run_as, ray_head=ray is not None)
+    return InstallPlan(paths, spec.python, spec, serving, key, ray, spec.ray_address)
+
+
+def plan_ray_worker(python: str, store: Store, *, address: str, on_gpu: bool, scope: str = "user", run_as: str | None = None) -> InstallPlan:
+    """A machine that only joins the Ray cluster at `address`: it serves nothing itself."""
+    paths = Paths.for_scope(scope)
+    ray = render_ray(python, store, paths, address=address, on_gpu=on_gpu, run_as=_run_as(scope, run_as))
+    return InstallPlan(paths, python, None, None, None, ray, address)
+
+
+def install(plan: InstallPlan, store: Store, *, force: bool = False) -> dict | None:
+    """Write the plan's files, reload systemd, enable and start; return the serving record (None on a Ray worker)."""
+    paths, spec = plan.paths, plan.spec
+    if plan.ray_address:
+        require_ray(plan.python)
+    if spec is None:
+        install_ray(plan.ray, store, paths)
+        return None
+    require_vllm(spec.python)
     existing = installed(store)
     if (existing or paths.unit.exists()) and not force:
         what = f"serving {existing['model']} at {existing['url']}" if existing else f"at {paths.unit}"
         raise ApplianceError(f"The appliance service is already installed ({what}).", "see `appliance service status`; pass --force to replace it")
-    require_systemd(scope)
-    if scope == "system" and run_as is None:
-        run_as = os.environ.get("SUDO_USER") or None
-    key = existing_key(paths) or new_api_key()
-    rendered = render(spec, store, paths, key, run_as, ray_head is not None)
-    if ray_head is not None:
-        install_ray(ray_head, store, paths)
+    require_systemd(paths.scope)
+    if plan.ray is not None:
+        install_ray(plan.ray, store, paths)
     (store.root / "service" / "cache" / "home").mkdir(parents=True, exist_ok=True)
-    write_files(paths, rendered)
+    write_files(paths, plan.serving)
     record = {
         "unit": str(paths.unit),
         "unit_name": UNIT_NAME,
-        "scope": scope,
+        "scope": paths.scope,
         "env_file": str(paths.env),
         "url": spec.url,
         "host": spec.host,
@@ -313,11 +352,11 @@ def install(
         "model_fingerprint": spec.model.fingerprint,
         "adapters": [a.name for a, _ in spec.adapters],
         "max_lora_rank": spec.max_lora_rank,
-        "exec_start": rendered.exec_start,
+        "exec_start": plan.serving.exec_start,
     }
     atomic_write_json(record_path(store), record)
-    systemctl(scope, "daemon-reload")
-    systemctl(scope, "enable", "--now", UNIT_NAME)
+    systemctl(paths.scope, "daemon-reload")
+    systemctl(paths.scope, "enable", "--now", UNIT_NAME)
     return record
 
 
