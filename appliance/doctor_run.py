@@ -53,15 +53,6 @@ def tiny_llama(folder: Path) -> Path:
     return folder
 
 
-def _peak_gib(device: str) -> float:
-    import psutil
-    import torch
-
-    if device == "cuda":
-        return torch.cuda.max_memory_allocated() / 2**30
-    return psutil.Process().memory_info().rss / 2**30
-
-
 def _planned_gib(model_dir: Path, gpu_name: str | None, cfg) -> float | None:
     """What the planner says this run needs on the GPU (None on a CPU): the figure the measured peak checks."""
     if gpu_name is None:
@@ -77,7 +68,7 @@ def _planned_gib(model_dir: Path, gpu_name: str | None, cfg) -> float | None:
 def run_path(python: str, progress: Callable[[str], None] = lambda _: None, with_vllm: bool = True) -> PathRun:
     """Import, train, merge and serve the tiny model in a temporary store; a finding per step."""
     from appliance.bench.train import demo_data
-    from appliance.hardware import describe, detect
+    from appliance.hardware import describe, detect, peak_memory_gib
     from appliance.registry import Registry
     from appliance.store import Store
 
@@ -110,7 +101,7 @@ def run_path(python: str, progress: Callable[[str], None] = lambda _: None, with
 
                 torch.cuda.reset_peak_memory_stats()
             result = run_training(cfg, registry, "doctor")
-            peak, planned = _peak_gib(hw.device), _planned_gib(registry.model_dir("doctor-tiny"), hw.name if hw.device == "cuda" else None, cfg)
+            peak, planned = peak_memory_gib(hw.device), _planned_gib(registry.model_dir("doctor-tiny"), hw.name if hw.device == "cuda" else None, cfg)
             out.detail = f"loss {result.metrics['train_loss']:.3f} after {STEPS} steps; peak {'allocated' if planned is not None else 'RSS'} {peak:.2f} GiB"
             if planned is not None:
                 out.detail += f" (planned {planned:.2f} GiB, {(peak - planned) / planned:+.0%})"

@@ -152,3 +152,14 @@ def describe() -> dict:
         "gpu": hw.name if hw.device == "cuda" else None,
         "versions": versions,
     }
+
+
+def peak_memory_gib(device: str) -> float:
+    """The run's peak so far: PyTorch's allocator on a GPU; the process's resident memory on a CPU,
+    which has no allocator statistics."""
+    import psutil
+    import torch
+
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**30
+    return psutil.Process().memory_info().rss / 2**30

@@ -260,6 +260,23 @@ def write_twin_4bit(registry: Registry, model_name: str, quant_type: str = "nf4"
     return target
 
 
+def serving_base(registry: Registry, model: ModelManifest, spec: Any, task: str) -> Path:
+    """The folder vLLM loads to serve an adapter trained on `model` with `spec` (config.ModelSpec):
+    the base's 4-bit twin for a QLoRA language adapter, else the base itself."""
+    if spec.load_in_4bit and task in ("sft", "cpt", "dpo"):
+        return registry.twin_4bit_dir(model, spec.quant_type, spec.double_quant)
+    return registry.model_dir(model.name)
+
+
+def write_serving_base(registry: Registry, model: ModelManifest, spec: Any, task: str) -> Path:
+    """vLLM serves a QLoRA adapter over the base's 4-bit twin, so the server computes the model the run
+    trained and evaluated; written once per base and 4-bit setting."""
+    folder = serving_base(registry, model, spec, task)
+    if folder != registry.model_dir(model.name):
+        write_twin_4bit(registry, model.name, spec.quant_type, spec.double_quant)
+    return folder
+
+
 def _copy_folder(src: Path, dst: Path) -> None:
     """Config, tokenizer and safetensors weights; hard links where the file system allows (no extra disk)."""
     for item in src.iterdir():

@@ -190,3 +190,28 @@ def prune(root: Path, keep: int, protect: Path | None) -> None:
     for old in dirs[:-keep] if keep else dirs:
         if protect is None or old.resolve() != protect.resolve():
             shutil.rmtree(old, ignore_errors=True)
+
+
+def newest_verified(root: Path, on_damaged: Callable[[Path, str], None]) -> Path | None:
+    """The newest checkpoint whose files match their checksums; each damaged one on the way is reported."""
+    for path in reversed(checkpoint_dirs(root)):
+        problem = verify(path)
+        if problem is None:
+            return path
+        on_damaged(path, problem)
+    return None
+
+
+def copy_into(params: dict[str, Any], weights: dict[str, Any]) -> None:
+    """Put saved adapter weights back into the live parameters, in place (the optimizer holds them)."""
+    import torch
+
+    with torch.no_grad():
+        for name, param in params.items():
+            param.copy_(weights[name].to(param.device, param.dtype))
+
+
+def adapter_weights(path: Path) -> dict[str, Any]:
+    from safetensors.torch import load_file
+
+    return load_file(str(path / "adapter.safetensors"))

@@ -11,8 +11,8 @@ from typing import Any
 from appliance.config import RunConfig
 from appliance.errors import ApplianceError
 from appliance.store import atomic_write, disk_full_error, is_disk_full, read_json
+from appliance.train.checkpoint import checkpoint_dirs
 
-# Settings that may change between a run and its resume without changing its results.
 # Settings a resumed run may change: how often it saves and reports, where it runs, and its trackers.
 RESUME_MAY_CHANGE = {("train", "save_every"), ("train", "eval_every"), ("train", "keep_checkpoints"), ("train", "device"), ("train", "report_to")}
 
@@ -36,6 +36,19 @@ class RunFolder:
         self.metrics = path / "metrics.jsonl"
         self.config = path / "config.yaml"
         self.started = path / "run.json"
+
+    def check_start(self, name: str, adapter_exists: bool, *, resume: bool, overwrite: bool) -> bool:
+        """Refuse a start that would replace or mix someone's work; True when the run replaces the adapter."""
+        if adapter_exists and not overwrite and resume and self.started_with_overwrite():
+            overwrite = True  # the run was started to replace this adapter: its resume does too
+        if adapter_exists and not overwrite:
+            raise ApplianceError(f"An adapter named {name!r} already exists.", "choose another --name, or pass --overwrite to replace it")
+        has_checkpoints = bool(checkpoint_dirs(self.checkpoints))
+        if resume and not has_checkpoints:
+            raise ApplianceError(f"There is no checkpoint of a run named {name!r} to resume.", "drop --resume to start the run")
+        if has_checkpoints and not resume and not overwrite:
+            raise ApplianceError(f"A run named {name!r} has checkpoints in {self.checkpoints}.", "pass --resume to continue it, or --overwrite to start again")
+        return overwrite
 
     def start(self, cfg: RunConfig, *, resume: bool, overwrite: bool) -> None:
         """A fresh run (what was there removed with `overwrite`), or a resumed one with its settings."""

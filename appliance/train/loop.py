@@ -16,12 +16,11 @@ from pathlib import Path
 from typing import Any
 
 from appliance.config import RunConfig
-from appliance.data import Batch, MicroBatchPlan
-from appliance.data import PreparedData, data_records, examples_per_epoch, prepare
-from appliance.data import MixturePlan
+from appliance.data import Batch, MicroBatchPlan, MixturePlan, PreparedData, data_records, examples_per_epoch, prepare
 from appliance.errors import ApplianceError, TrainingInterrupted
-from appliance.hardware import detect
+from appliance.hardware import detect, peak_memory_gib
 from appliance.hf import compute_dtype, load_base, load_tokenizer, quiet_libraries, resolve_device
+from appliance.models import serving_base, write_serving_base
 from appliance.registry import AdapterManifest, Registry
 from appliance.store import MANIFEST, atomic_dir, ensure_free_space, read_json
 from appliance.train import checkpoint as ckpt
@@ -75,30 +74,11 @@ class TrainingRun:
 
     # -- setup ---------------------------------------------------------------------
 
-    def check_names(self) -> None:
-        if (self.adapter_dir / MANIFEST).is_file() and not self.overwrite and self.resume and self.folder.started_with_overwrite():
-            self.overwrite = True  # the run was started to replace this adapter: its resume does too
-        if (self.adapter_dir / MANIFEST).is_file() and not self.overwrite:
-            raise ApplianceError(
-                f"An adapter named {self.adapter_name!r} already exists.",
-                "choose another --name, or pass --overwrite to replace it",
-            )
-        has_checkpoints = bool(ckpt.checkpoint_dirs(self.checkpoint_root))
-        if self.resume and not has_checkpoints:
-            raise ApplianceError(
-                f"There is no checkpoint of a run named {self.adapter_name!r} to resume.",
-                "drop --resume to start the run",
-            )
-        if has_checkpoints and not self.resume and not self.overwrite:
-            raise ApplianceError(
-                f"A run named {self.adapter_name!r} has checkpoints in {self.checkpoint_root}.",
-                "pass --resume to continue it, or --overwrite to start again",
-            )
-
     def setup(self) -> None:
         """Model, data, optimizer: everything the loop needs, on this object."""
         distributed.start(self.ranks, resolve_device(self.cfg.train.device, detect()))
-        self.check_names()
+        adapter_exists = (self.adapter_dir / MANIFEST).is_file()
+        self.overwrite = self.folder.check_start(self.adapter_name, adapter_exists, resume=self.resume, overwrite=self.overwrite)
         distributed.barrier(self.ranks)  # every rank has read the folder before rank 0 changes it
         quiet_libraries()
         model_dir = self.resolve_model()
@@ -236,35 +216,25 @@ class TrainingRun:
 
     def load_checkpoint(self) -> str:
         """Restore from the newest checkpoint that verifies; say so when falling back."""
-        import torch
-
-        candidates = ckpt.checkpoint_dirs(self.checkpoint_root)
-        for path in reversed(candidates):
-            problem = ckpt.verify(path)
-            if problem:
-                self.emit(Note(f"checkpoint {path.name} is damaged ({problem}); falling back to the one before", "warning"))
-                continue
-            state, adapter, optimizer_state = ckpt.load(path, self.ranks.rank)
-            saved_optimizer = state.extra.get("optimizer", self.optimizer_name)
-            if saved_optimizer != self.optimizer_name:
-                raise ApplianceError(
-                    f"The run was checkpointed with the {saved_optimizer} optimizer and would resume with {self.optimizer_name} "
-                    f"(on {self.device}); their states do not convert.",
-                    f"resume where it ran, or pass --set train.optimizer={saved_optimizer}",
-                )
-            with torch.no_grad():
-                for name, param in self.adapter_params.items():
-                    param.copy_(adapter[name].to(param.device, param.dtype))
-            self.optimizer.load_state_dict(optimizer_state)
-            if self.scaler is not None and "loss_scale" in state.extra:
-                self.scaler.load_state_dict(state.extra["loss_scale"])
-            self.state = state
-            self.history = self.folder.truncate_metrics(state.step) if self.ranks.main else []
-            return path.name
-        raise ApplianceError(
-            f"No checkpoint of {self.adapter_name!r} verifies (all damaged).",
-            "start again with --overwrite",
-        )
+        path = ckpt.newest_verified(self.checkpoint_root, lambda damaged, problem: self.emit(
+            Note(f"checkpoint {damaged.name} is damaged ({problem}); falling back to the one before", "warning")))
+        if path is None:
+            raise ApplianceError(f"No checkpoint of {self.adapter_name!r} verifies (all damaged).", "start again with --overwrite")
+        state, adapter, optimizer_state = ckpt.load(path, self.ranks.rank)
+        saved_optimizer = state.extra.get("optimizer", self.optimizer_name)
+        if saved_optimizer != self.optimizer_name:
+            raise ApplianceError(
+                f"The run was checkpointed with the {saved_optimizer} optimizer and would resume with {self.optimizer_name} "
+                f"(on {self.device}); their states do not convert.",
+                f"resume where it ran, or pass --set train.optimizer={saved_optimizer}",
+            )
+        ckpt.copy_into(self.adapter_params, adapter)
+        self.optimizer.load_state_dict(optimizer_state)
+        if self.scaler is not None and "loss_scale" in state.extra:
+            self.scaler.load_state_dict(state.extra["loss_scale"])
+        self.state = state
+        self.history = self.folder.truncate_metrics(state.step) if self.ranks.main else []
+        return path.name
 
     def _log(self, record: dict[str, Any]) -> None:
         self.history.append(record)
@@ -300,12 +270,6 @@ class TrainingRun:
         if patience and improved:
             self.save_checkpoint("best", value)
         return bool(patience) and self.state.evals_without_improvement >= patience
-
-    def memory_gib(self) -> float:
-        import psutil
-        import torch
-
-        return torch.cuda.max_memory_allocated() / 2**30 if self.device == "cuda" else psutil.Process().memory_info().rss / 2**30
 
     def train_step(self) -> dict[str, float]:
         import torch
@@ -376,7 +340,7 @@ class TrainingRun:
             self.state.elapsed_s = elapsed0 + time.time() - session_start
             done_here = self.state.step - session_step0
             eta = (time.time() - session_start) / done_here * (self.total_steps - self.state.step)
-            memory = self.memory_gib()
+            memory = peak_memory_gib(self.device)
             record = {
                 "step": self.state.step,
                 "epoch": round(self.plan.epoch_of(self.state.micro_batches), 3),
@@ -419,19 +383,12 @@ class TrainingRun:
 
     def restore_best(self) -> int | None:
         """Early stopping keeps the best checkpoint; put its weights back for the adapter."""
-        import torch
-
         if self.state.best_step is None or not self.cfg.train.early_stopping_patience:
             return None
         path = self.checkpoint_root / f"{ckpt.PREFIX}{self.state.best_step:08d}"
         if not path.is_dir() or ckpt.verify(path):
             return None
-        from safetensors.torch import load_file
-
-        weights = load_file(str(path / "adapter.safetensors"))
-        with torch.no_grad():
-            for name, param in self.adapter_params.items():
-                param.copy_(weights[name].to(param.device, param.dtype))
+        ckpt.copy_into(self.adapter_params, ckpt.adapter_weights(path))
         return self.state.best_step
 
     def save_adapter(self, metrics: dict[str, float], train_s: float) -> Path:
@@ -465,23 +422,13 @@ class TrainingRun:
         return self.adapter_dir
 
     def serving_folder(self) -> Path:
-        """The folder vLLM loads to serve this run's adapter: the base's 4-bit twin for a QLoRA adapter."""
-        spec = self.cfg.model
-        if spec.load_in_4bit and self.cfg.task in ("sft", "cpt", "dpo"):
-            return self.registry.twin_4bit_dir(self.model_manifest, spec.quant_type, spec.double_quant)
-        return self.model_dir
+        return serving_base(self.registry, self.model_manifest, self.cfg.model, self.cfg.task)
 
     def write_serving_base(self) -> None:
-        """vLLM serves a QLoRA adapter over the base's 4-bit twin (appliance.models.write_twin_4bit),
-        so the server computes the model this run trained and evaluated; written once per base."""
-        spec = self.cfg.model
-        if self.serving_folder() == self.model_dir:
-            return
-        from appliance.models import write_twin_4bit
-
-        if not (self.serving_folder() / "config.json").is_file():
+        folder = self.serving_folder()
+        if folder != self.model_dir and not (folder / "config.json").is_file():
             self.emit(Note("writing the base's 4-bit twin, which vLLM serves its adapters over (once per base)"))
-        write_twin_4bit(self.registry, self.model_manifest.name, spec.quant_type, spec.double_quant)
+            write_serving_base(self.registry, self.model_manifest, self.cfg.model, self.cfg.task)
 
     # -- the whole story --------------------------------------------------------------
 
