@@ -165,7 +165,7 @@ def test_an_adapter_exports_as_a_gguf_lora_beside_its_base(trained, tmp_path):
 
 def test_a_wrong_lora_fails_the_gate_and_keeps_nothing(trained, monkeypatch, tmp_path):
     """A LoRA converted with ten times its alpha does not match base + adapter: refused, no folder left."""
-    import appliance.export as exp
+    import appliance.export.build as exp
 
     real = exp.convert_lora
 
