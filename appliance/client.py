@@ -247,7 +247,7 @@ def bench_serve(
     restart: bool = True,
     progress: Callable[[str], None] = lambda _: None,
 ) -> dict[str, Any]:
-    from appliance.serve.adapters import served
+    from appliance.serve import served
 
     result: dict[str, Any] = {"url": endpoint.url}
     if adapter:

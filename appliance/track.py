@@ -36,7 +36,7 @@ from appliance.config import RunConfig
 from appliance.errors import ApplianceError, TrainingInterrupted
 from appliance.runs import flatten
 from appliance.store import atomic_write_json, read_json
-from appliance.train.events import EvalDone, Event, EventSink, PhaseChanged, RunStarted, StepDone
+from appliance.train import EvalDone, Event, EventSink, PhaseChanged, RunStarted, StepDone
 
 Warn = Callable[[str], None]
 

@@ -214,7 +214,7 @@ def measure_step(model_dir: Path, case: StepCase, *, name: str | None = None,
     from appliance.plan import settings_from_config
     from appliance.registry import Registry
     from appliance.store import Store
-    from appliance.train.loop import TrainingRun
+    from appliance.train import TrainingRun
     from appliance.hf import quiet_libraries
 
     name = name or model_dir.name

@@ -102,7 +102,7 @@ def run_appliance(
     from appliance.plan import settings_from_config
     from appliance.registry import Registry
     from appliance.store import Store
-    from appliance.train.loop import TrainingRun
+    from appliance.train import TrainingRun
     from appliance.hf import load_tokenizer
 
     model: dict = {"name": model_dir.name, "compute_dtype": "bfloat16"}  # every side computes in bf16

@@ -119,8 +119,7 @@ def load(name, url, api_key) -> None:
     """
     from appliance import ui
     from appliance.serve import find_endpoint
-    from appliance.serve.adapters import load as load_adapter
-    from appliance.serve.service import rank_limit_for
+    from appliance.serve import load_adapter, rank_limit_for
 
     endpoint = find_endpoint(url, api_key)
     reg = registry()
@@ -141,7 +140,7 @@ def unload(name, url, api_key) -> None:
     """
     from appliance import ui
     from appliance.serve import find_endpoint
-    from appliance.serve.adapters import unload as unload_adapter
+    from appliance.serve import unload_adapter
 
     seconds = unload_adapter(find_endpoint(url, api_key), registry(), name)
     ui.console.print(f"[green]unloaded[/] {name} in {seconds:.2f} s")

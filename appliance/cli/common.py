@@ -30,7 +30,7 @@ def held_memory_note(held_gib: float) -> str | None:
     """When other processes hold GPU memory a plan needs: how much, and the appliance's own server if it is one."""
     if held_gib < 0.25:
         return None
-    from appliance.serve.service import installed, running_servers
+    from appliance.serve import installed_service as installed, running_servers
 
     store = registry().store
     holders = []

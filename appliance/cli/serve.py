@@ -44,7 +44,7 @@ def spec_from_options(
 ):
     from appliance import ui
     from appliance.errors import ApplianceError
-    from appliance.serve.command import LOCAL_HOSTS, build_spec
+    from appliance.serve import LOCAL_HOSTS, build_spec
 
     if host not in LOCAL_HOSTS:
         if not allow_remote:
@@ -117,7 +117,7 @@ def serve(model, api_key, no_api_key, **options) -> None:
     from appliance.serve import server_key
     from appliance.serve import shell_line, vllm_command
     from appliance.serve import log_tail, serve_foreground
-    from appliance.serve.service import installed_endpoint
+    from appliance.serve import installed_endpoint
 
     spec = spec_from_options(model, **options)
     key = server_key(spec.host, lora=spec.lora_enabled, given=api_key, opt_out=no_api_key, service_key=installed_endpoint()[1])

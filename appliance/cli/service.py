@@ -49,7 +49,7 @@ def install(model, system, run_as, overwrite, dry_run, no_wait, ray_head, ray_po
     from appliance import ui
     from appliance.errors import ApplianceError
     from appliance.hardware import gpu_present
-    from appliance.serve.service import install as install_service, plan_install, plan_ray_worker, ray_unit_path
+    from appliance.serve import install_service, plan_install, plan_ray_worker, ray_unit_path
 
     scope, store, address = "system" if system else "user", registry().store, options["ray_address"]
     if model is None and not (address and not ray_head):
@@ -81,7 +81,7 @@ def install(model, system, run_as, overwrite, dry_run, no_wait, ray_head, ray_po
 def _wait_until_ready(spec) -> None:
     from appliance import ui
     from appliance.errors import ApplianceError
-    from appliance.serve.health import wait
+    from appliance.serve import wait_healthy as wait
 
     with ui.Spinner("waiting for vLLM to answer /health") as spinner:
         started = time.time()
@@ -104,7 +104,7 @@ def status(as_json: bool) -> None:
     from appliance import ui
     from appliance.serve import Endpoint, served_models
     from appliance.errors import ApplianceError
-    from appliance.serve.service import installed_endpoint, status as service_status
+    from appliance.serve import installed_endpoint, service_status
 
     info = service_status(registry().store)
     url, key = installed_endpoint()
@@ -140,7 +140,7 @@ def logs(follow: bool, lines: int) -> None:
     Example:
       appliance service logs -f -n 50
     """
-    from appliance.serve.service import journal
+    from appliance.serve import service_journal as journal
 
     raise SystemExit(journal(registry().store, lines, follow))
 
@@ -149,7 +149,7 @@ def _control(action: str):
     @service.command(name=action, help=f"{action.capitalize()} the service.\n\n\b\nExample:\n  appliance service {action}")
     def command() -> None:
         from appliance import ui
-        from appliance.serve.service import control
+        from appliance.serve import control_service as control
 
         control(registry().store, action)
         ui.console.print(f"[green]{action}[/] done")
@@ -170,7 +170,7 @@ def uninstall() -> None:
       appliance service uninstall
     """
     from appliance import ui
-    from appliance.serve.service import uninstall as uninstall_service
+    from appliance.serve import uninstall_service
 
     record = uninstall_service(registry().store)
     ui.console.print(f"[green]removed[/] {record['unit']} and {record['env_file']}; models and adapters are kept")
@@ -185,7 +185,7 @@ def key() -> None:
       export APPLIANCE_API_KEY=$(appliance service key)
     """
     from appliance.errors import ApplianceError
-    from appliance.serve.service import installed_endpoint
+    from appliance.serve import installed_endpoint
 
     _, api_key = installed_endpoint()
     if not api_key:

@@ -169,7 +169,7 @@ def train(name, recipe, config_file, sets, gpu, fit, resume, overwrite, as_json,
         from appliance.track import check_installed
 
         check_installed(cfg.train.report_to)
-    from appliance.train.launch import Launch, launch
+    from appliance.train import Launch, launch
 
     ranks = Launch(nproc_per_node, nnodes, node_rank, master_addr, master_port)
     # A rank runs this command without the launch flags; WORLD_SIZE tells it how many there are.
@@ -182,7 +182,7 @@ def train(name, recipe, config_file, sets, gpu, fit, resume, overwrite, as_json,
 
         ui.console.print(f"[dim]recipe {cfg.recipe} · task {cfg.task} · resolved config saved in the run folder[/]")
         from appliance.track import fan_out, reporting
-        from appliance.train.events import Note
+        from appliance.train import Note
 
         with ui.Dashboard() as dashboard, leaving_quietly_when_a_peer_dies():
             # Trackers consume the same events as the dashboard; their warnings show in it as notes.

@@ -4,7 +4,12 @@
 first use, so importing this package (the CLI does, for --help) does not import torch.
 """
 
-_PUBLIC = {"run_training": "loop", "TrainingRun": "loop", "TrainResult": "loop"}
+_PUBLIC = {
+    "run_training": "loop", "TrainingRun": "loop", "TrainResult": "loop",
+    "Launch": "launch", "launch": "launch",
+    "Event": "events", "EventSink": "events", "RunStarted": "events", "PhaseChanged": "events", "StepDone": "events",
+    "EvalDone": "events", "CheckpointSaved": "events", "Note": "events",
+}
 
 
 def __getattr__(name: str):
