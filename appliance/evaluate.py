@@ -1,6 +1,6 @@
 """Evaluation: before (the base) versus after (base + adapter) on held-out data.
 
-    sft       perplexity on the answers; exact match, token F1 and ROUGE-L of greedy answers
+    sft       perplexity on the answers; exact match, token F1, ROUGE-L, BLEU and chrF of greedy answers
     cpt       perplexity on held-out domain text
     dpo       log π(chosen) − log π(rejected) margin and preference accuracy
     classify  accuracy, macro F1, ROC AUC (the "before" is the majority class)
@@ -9,7 +9,7 @@ with the package, base versus adapter, as a change in %.
 
 The held-out data is the adapter's own test split (rebuilt from its manifest:
 same files, same seed), else its validation split, unless --data names a file.
-Metrics come from well-kept libraries: scikit-learn, rouge-score.
+Metrics come from well-kept libraries: scikit-learn, rouge-score, sacrebleu (BLEU and chrF, 0-100).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from typing import Any, Callable, Sequence
 
 from appliance.data import collate_classification, collate_lm, collate_pairs
 from appliance.errors import ApplianceError
-from appliance.metrics.scores import classification_metrics, exact_match, rouge_l, token_f1
+from appliance.metrics.scores import bleu, chrf, classification_metrics, exact_match, rouge_l, token_f1
 from appliance.registry import Evaluation, Forgetting, Sample
 
 GENERAL_TEXT = "general.txt"
@@ -192,6 +192,8 @@ def _generation_metrics(report, model, before_model, tokenizer, prepared, items,
         target["exact_match"] = sum(map(exact_match, answers, references)) / len(references)
         target["token_f1"] = sum(map(token_f1, answers, references)) / len(references)
         target["rouge_l"] = sum(map(rouge_l, answers, references)) / len(references)
+        target["bleu"] = bleu(answers, references)
+        target["chrf"] = chrf(answers, references)
     report.samples = [
         Sample(prompt=p[-1]["content"], reference=r, before=b, after=a) for p, r, b, a in list(zip(prompts, references, before, after))[:5]
     ]

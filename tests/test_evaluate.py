@@ -82,6 +82,9 @@ def test_eval_against_another_model(task, tiny, tiny_model_folder, other_folder)
     assert other["before"] != pytest.approx(base["before"], rel=1e-3)
     assert other["forgetting"]["base_ppl"] != pytest.approx(base["forgetting"]["base_ppl"], rel=1e-3)
     assert other["after"] == pytest.approx(base["after"], rel=1e-4, abs=1e-6)
+    if task == "sft":  # generation scores, sacrebleu's 0-100
+        assert {"exact_match", "token_f1", "rouge_l", "bleu", "chrf"} <= set(base["after"])
+        assert all(0 <= base[side][m] <= 100 for side in ("before", "after") for m in ("bleu", "chrf"))
 
 
 def test_eval_against_is_refused_for_a_classifier_except_its_own_base(tiny, other_folder):

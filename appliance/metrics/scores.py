@@ -1,5 +1,6 @@
 """Scores of answers and predictions, from well-kept libraries where one exists (rouge-score,
-scikit-learn): SQuAD's exact match and token F1, ROUGE-L, accuracy, macro F1 and ROC AUC."""
+sacrebleu, scikit-learn): SQuAD's exact match and token F1, ROUGE-L, BLEU and chrF, accuracy,
+macro F1 and ROC AUC."""
 
 from __future__ import annotations
 
@@ -33,6 +34,22 @@ def rouge_l(prediction: str, reference: str) -> float:
     from rouge_score import rouge_scorer
 
     return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True).score(reference, prediction)["rougeL"].fmeasure
+
+
+def bleu(predictions: list[str], references: list[str]) -> float:
+    """Corpus BLEU (0-100) with sacrebleu's standard settings (13a tokenizer, exponential smoothing),
+    so the figure compares with published ones."""
+    import sacrebleu
+
+    return float(sacrebleu.corpus_bleu(predictions, [references]).score)
+
+
+def chrf(predictions: list[str], references: list[str]) -> float:
+    """Corpus chrF (0-100, character n-grams up to 6, beta 2), sacrebleu's default: kinder than BLEU to
+    short answers and word forms."""
+    import sacrebleu
+
+    return float(sacrebleu.corpus_chrf(predictions, [references]).score)
 
 
 def classification_metrics(probs, labels) -> dict[str, float]:
