@@ -214,7 +214,17 @@ class UnfreezeSpec(Spec):
 
 
 class DpoSpec(Spec):
-    beta: float = Field(0.1, gt=0, description="strength of the pull away from the reference model")
+    """Preference tuning (recipes dpo, simpo, orpo: the same pairs, the same loop, another loss)."""
+
+    loss: Literal["dpo", "simpo", "orpo"] = Field("dpo", description="dpo (against the adapter-off reference); simpo and orpo need no reference")
+    beta: float = Field(0.1, gt=0, description="dpo: pull away from the reference; simpo: reward scale (about 2); orpo: weight of the odds-ratio term")
+    gamma: float = Field(0.0, ge=0, description="simpo only: the reward margin the chosen answer must clear (about beta / 2)")
+
+    @model_validator(mode="after")
+    def _gamma(self) -> "DpoSpec":
+        if self.gamma and self.loss != "simpo":
+            raise ValueError(f"dpo.gamma is SimPO's target margin; the {self.loss} loss has none")
+        return self
 
 
 class ClassifySpec(Spec):

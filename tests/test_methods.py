@@ -1,6 +1,6 @@
 """Transfer-learning methods on the real SmolLM2, each shown to do what it claims:
-continued pre-training lowers held-out domain perplexity, DPO raises the chosen-minus-rejected
-margin on held-out pairs, a classification head beats the majority class."""
+continued pre-training lowers held-out domain perplexity, DPO, SimPO and ORPO raise the
+chosen-minus-rejected margin on held-out pairs, a classification head beats the majority class."""
 
 import json
 
@@ -38,14 +38,21 @@ def test_cpt_lowers_perplexity_on_held_out_domain_text(smollm2):
     assert abs(report.forgetting.change_pct) < 25
 
 
-def test_dpo_raises_the_preference_margin_on_held_out_pairs(smollm2):
-    result = train(smollm2, "dpo", "prefs.jsonl", "polite", steps=12, batch_size=4, lr=2e-4, data={"val": 4, "test": 8})
-    steps = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert all("reward_margin" in m and "reward_accuracy" in m for m in steps if "loss" in m)
-    report = evaluate_adapter(smollm2, "polite")
-    print(f"\ndpo on {report.examples} held-out pairs: log-prob margin {report.before['logp_margin']:.1f} → {report.after['logp_margin']:.1f}")
+@pytest.mark.parametrize("recipe", ["dpo", "simpo", "orpo"])
+def test_preference_tuning_raises_the_margin_on_held_out_pairs(smollm2, recipe):
+    """The same pairs, three losses: DPO against the adapter-off reference, SimPO and ORPO without one."""
+    result = train(smollm2, recipe, "prefs.jsonl", f"polite-{recipe}", steps=12, batch_size=4, lr=2e-4, data={"val": 4, "test": 8})
+    records = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [m for m in records if "loss" in m]
+    assert steps and all("reward_margin" in m and "reward_accuracy" in m for m in steps)
+    report = evaluate_adapter(smollm2, f"polite-{recipe}")
+    print(f"\n{recipe} on {report.examples} held-out pairs: log-prob margin {report.before['logp_margin']:.1f} → "
+          f"{report.after['logp_margin']:.1f}, accuracy {report.before['preference_accuracy']:.2f} → {report.after['preference_accuracy']:.2f}; "
+          f"train reward margin {steps[0]['reward_margin']:.3f} → {steps[-1]['reward_margin']:.3f}")
+    # Measured (2 cores): dpo 19.2 → 66.3, simpo 19.2 → 59.0, orpo 19.2 → 38.8 (its SFT term pulls the chosen answers up too).
     assert report.after["logp_margin"] > report.before["logp_margin"] + 10
     assert report.after["preference_accuracy"] == 1.0
+    assert steps[-1]["reward_margin"] > steps[0]["reward_margin"]
 
 
 def test_classifier_beats_the_majority_class_and_merges_to_a_standard_folder(smollm2):

@@ -132,6 +132,14 @@ def sequence_logprobs(model, tensors: dict[str, torch.Tensor], n_items: int) -> 
     return torch.zeros(n_items, dtype=torch.float32, device=hidden.device).index_add(0, segment, token_logprobs)
 
 
+def sequence_token_counts(tensors: dict[str, torch.Tensor], n_items: int) -> torch.Tensor:
+    """How many label tokens each item has (what sequence_logprobs sums over): SimPO and ORPO average by it."""
+    targets = tensors["labels"][:, 1:]
+    keep = targets != IGNORE_INDEX
+    segment = tensors["segments"][:, 1:][keep]
+    return torch.zeros(n_items, dtype=torch.float32, device=segment.device).index_add(0, segment, torch.ones_like(segment, dtype=torch.float32))
+
+
 def class_logits(model: Any, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
     """The head's logits at each row's last real token (the eos the encoder appends).
 

@@ -9,7 +9,15 @@ import torch
 
 from appliance.data import Batch, collate_classification, collate_lm, collate_pairs
 from appliance.metrics.scores import classification_metrics
-from appliance.metrics.lm import causal_lm_loss_sum, class_logits, class_probabilities, mean_token_loss, perplexity, sequence_logprobs
+from appliance.metrics.lm import (
+    causal_lm_loss_sum,
+    class_logits,
+    class_probabilities,
+    mean_token_loss,
+    perplexity,
+    sequence_logprobs,
+    sequence_token_counts,
+)
 
 
 class Objective:
@@ -43,38 +51,56 @@ def _to(batch: Batch, device: str) -> dict[str, torch.Tensor]:
 
 
 class PreferenceObjective(Objective):
-    """DPO (Rafailov et al. 2023): −log σ(β[(log π(c) − log π_ref(c)) − (log π(r) − log π_ref(r))]).
+    """Preference pairs, under one of three losses (cfg.dpo.loss); c is the chosen answer, r the rejected:
 
-    The reference is the same 4-bit base with the adapter switched off: no second copy in memory.
+      dpo    −log σ(β[(log π(c) − log π_ref(c)) − (log π(r) − log π_ref(r))])      Rafailov et al. 2023
+      simpo  −log σ(β·log π(c)/|c| − β·log π(r)/|r| − γ)                          Meng et al. 2024
+      orpo   −log π(c)/|c| − β·log σ(log odds(c) − log odds(r)),                   Hong et al. 2024
+             odds(y) = p/(1 − p) with p = exp(log π(y)/|y|)
+
+    DPO's reference is the same 4-bit base with the adapter switched off: no second copy in memory.
+    SimPO and ORPO need no reference at all: one forward per step. Each logs its reward margin (the
+    implicit reward each loss compares: β·log-ratio, β·mean log-prob, log odds) and how often the
+    chosen answer's reward is the higher.
     """
 
-    def __init__(self, pad_id: int, packing: bool, beta: float):
+    def __init__(self, pad_id: int, packing: bool, beta: float, loss: str = "dpo", gamma: float = 0.0):
         super().__init__(pad_id, packing)
-        self.beta = beta
+        self.beta, self.loss, self.gamma = beta, loss, gamma
 
     def collate(self, items: Sequence[Any]) -> Batch:
-        return collate_pairs(items, self.pad_id, self.packing)  # the unit of the DPO loss is the pair
+        return collate_pairs(items, self.pad_id, self.packing)  # the unit of every preference loss is the pair
 
     def _terms(self, model: Any, tensors: dict[str, torch.Tensor]):
+        """(summed loss, reward margin per pair, log π(c) − log π(r) per pair, extra figures)."""
         n = int(tensors["segments"].max()) + 1
         policy = sequence_logprobs(model, tensors, n)
-        with torch.no_grad(), model.disable_adapter():
-            reference = sequence_logprobs(model, tensors, n)
-        chosen_reward = self.beta * (policy[0::2] - reference[0::2])
-        rejected_reward = self.beta * (policy[1::2] - reference[1::2])
-        margin = chosen_reward - rejected_reward
-        loss = -torch.nn.functional.logsigmoid(margin).sum()
-        return loss, margin.detach(), (policy[0::2] - policy[1::2]).detach()
+        logp_margin = (policy[0::2] - policy[1::2]).detach()
+        if self.loss == "dpo":
+            with torch.no_grad(), model.disable_adapter():
+                reference = sequence_logprobs(model, tensors, n)
+            margin = self.beta * ((policy[0::2] - reference[0::2]) - (policy[1::2] - reference[1::2]))
+            return -torch.nn.functional.logsigmoid(margin).sum(), margin.detach(), logp_margin, {}
+        mean_logp = policy / sequence_token_counts(tensors, n).clamp_min(1)
+        if self.loss == "simpo":
+            margin = self.beta * (mean_logp[0::2] - mean_logp[1::2])
+            return -torch.nn.functional.logsigmoid(margin - self.gamma).sum(), margin.detach(), logp_margin, {}
+        # ORPO: log odds = log p − log(1 − p), with log(1 − p) = log1p(−exp(log p)) (log p < 0).
+        log_odds = mean_logp - torch.log1p(-torch.exp(mean_logp.clamp_max(-1e-6)))
+        margin = log_odds[0::2] - log_odds[1::2]
+        nll = -mean_logp[0::2]
+        loss = (nll - self.beta * torch.nn.functional.logsigmoid(margin)).sum()
+        return loss, margin.detach(), logp_margin, {"nll": float(nll.detach().mean())}
 
     def loss_sum(self, model, tensors):
-        loss, margin, _ = self._terms(model, tensors)
-        return loss, {"reward_margin": float(margin.mean()), "reward_accuracy": float((margin > 0).float().mean())}
+        loss, margin, _, extra = self._terms(model, tensors)
+        return loss, {"reward_margin": float(margin.mean()), "reward_accuracy": float((margin > 0).float().mean()), **extra}
 
     @torch.no_grad()
     def evaluate(self, model, batches, device):
         losses, margins, logp_margins = [], [], []
         for batch in batches:
-            loss, margin, logp_margin = self._terms(model, _to(batch, device))
+            loss, margin, logp_margin, _ = self._terms(model, _to(batch, device))
             losses.append(float(loss))
             margins.append(margin)
             logp_margins.append(logp_margin)
@@ -112,7 +138,7 @@ class ClassificationObjective(Objective):
 
 def objective_for(task: str, pad_id: int, packing: bool, cfg: Any) -> Objective:
     if task == "dpo":
-        return PreferenceObjective(pad_id, packing, cfg.dpo.beta)
+        return PreferenceObjective(pad_id, packing, cfg.dpo.beta, cfg.dpo.loss, cfg.dpo.gamma)
     if task == "classify":
         return ClassificationObjective(pad_id, packing, cfg.classify.metric)
     return Objective(pad_id, packing)
