@@ -106,6 +106,8 @@ class LoraSpec(Spec):
         None,
         description="adapters only on these layers: 'top:8', 'bottom:4', '0-11', '3,5,7', or 're:PATTERN' over module names",
     )
+    use_dora: bool = Field(False, description="DoRA: a learned magnitude per output row beside LoRA's direction (merged before serving: vLLM has no DoRA)")
+    use_rslora: bool = Field(False, description="rsLoRA: scale the update by alpha / sqrt(rank) instead of alpha / rank, so high ranks keep learning")
 
 
 class DataSource(Spec):
@@ -170,6 +172,9 @@ class TrainSpec(Spec):
     batch_size: int = Field(4, ge=1, description="examples per micro-batch")
     grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
     weight_decay: float = Field(0.0, ge=0, description="decoupled weight decay on the adapter weights")
+    neftune_noise_alpha: float | None = Field(
+        None, gt=0, description="NEFTune: uniform noise of scale alpha / sqrt(tokens × width) on the input embeddings while training (5 in the paper)"
+    )
     max_grad_norm: float = Field(1.0, ge=0, description="gradient clipping; 0 turns it off")
     optimizer: Literal["auto", "adamw", "paged_adamw_8bit", "adamw_8bit"] = Field(
         "auto", description="auto: paged 8-bit AdamW on CUDA, AdamW on CPU"

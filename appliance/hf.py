@@ -177,8 +177,20 @@ def load_for_inference(
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, str(adapter_dir))
+        if model.peft_config["default"].use_dora:
+            keep_4bit_layout(model)  # DoRA reads the base weights themselves at every forward
     model.eval()
     return model
+
+
+def keep_4bit_layout(model) -> None:
+    """bitsandbytes (0.50) repacks 4-bit weights for AVX512-BF16 CPUs on the first forward in eval
+    mode and never unpacks them; whatever reads the weights themselves afterwards (a backward pass,
+    DoRA's weight norm through peft's dequantize) then reads the packed bytes as if plain. Keep the
+    plain layout."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
 
 
 def roundtrip_4bit(weight, quant_type: str = "nf4", double_quant: bool = True):

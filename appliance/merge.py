@@ -90,9 +90,17 @@ class LoraDelta:
     a: Any  # (r, in)
     b: Any  # (out, r)
     scaling: float
+    magnitude: Any = None  # DoRA's learned norm per output row (out,), else None
 
     def weight(self):
         return self.scaling * (self.b.float() @ self.a.float())
+
+    def apply(self, w):
+        """W + s·B·A; with DoRA, each row then rescaled to its learned magnitude (m / ‖W + s·B·A‖, peft's merge)."""
+        combined = w + self.weight()
+        if self.magnitude is None:
+            return combined
+        return combined * (self.magnitude.float() / combined.norm(dim=1)).unsqueeze(1)
 
 
 def read_deltas(adapter_dir: Path) -> tuple[dict[str, LoraDelta], dict[str, Any]]:
@@ -100,7 +108,7 @@ def read_deltas(adapter_dir: Path) -> tuple[dict[str, LoraDelta], dict[str, Any]
     from safetensors.torch import load_file
 
     config = read_json(adapter_dir / "adapter_config.json")
-    unsupported = [k for k in ("use_dora", "use_qalora", "lora_bias") if config.get(k)]
+    unsupported = [k for k in ("use_qalora", "lora_bias") if config.get(k)]
     if config.get("peft_type", "LORA") != "LORA" or unsupported or config.get("alpha_pattern") or config.get("fan_in_fan_out"):
         raise ApplianceError(
             f"The adapter in {adapter_dir} uses LoRA settings this merge does not apply ({', '.join(unsupported) or config.get('peft_type')}).",
@@ -118,8 +126,8 @@ def read_deltas(adapter_dir: Path) -> tuple[dict[str, LoraDelta], dict[str, Any]
             b = tensors[key.replace(".lora_A.", ".lora_B.")]
             r = value.shape[0]
             scaling = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
-            deltas[f"{module}.weight"] = LoraDelta(value, b, scaling)
-        elif ".lora_B." not in name:
+            deltas[f"{module}.weight"] = LoraDelta(value, b, scaling, tensors.get(f"{prefix}{module}.lora_magnitude_vector"))
+        elif ".lora_B." not in name and ".lora_magnitude_vector" not in name:
             whole[name] = value  # modules_to_save (a classifier's head), stored whole
     return deltas, whole
 
@@ -139,7 +147,7 @@ def merged_tensor(name: str, base, deltas: dict[str, LoraDelta], weights: MergeW
         return base.to(_torch_dtype(dtype)).contiguous()
     base = base.to(torch.float32)  # exact for a 16-bit base; the NF4 codes do not change, the dequantized values are not rounded
     w = roundtrip_4bit(base) if weights == "dequantized" else base
-    return (w + delta.weight()).to(_torch_dtype(dtype)).contiguous()
+    return delta.apply(w).to(_torch_dtype(dtype)).contiguous()
 
 
 def write_merged_weights(base_dir: Path, out: Path, deltas: dict[str, LoraDelta], whole: dict[str, Any], weights: MergeWeights, dtype: str,

@@ -134,6 +134,11 @@ def check_servable(adapter: AdapterManifest, model: ModelManifest, max_rank: int
         )
     if adapter.task not in ("sft", "cpt", "dpo"):
         raise ApplianceError(f"Adapter {adapter.name!r} is a {adapter.task} adapter; vLLM serves text-generation adapters.", None)
+    if adapter.config.get("lora", {}).get("use_dora"):
+        raise ApplianceError(
+            f"Adapter {adapter.name!r} is a DoRA adapter; vLLM serves plain LoRA only.",
+            f"merge it and serve the merged model: appliance merge {adapter.name} --name {adapter.name}-merged && appliance serve {adapter.name}-merged",
+        )
     unknown = set(adapter.target_modules) - VLLM_LORA_MODULES
     if unknown:
         raise ApplianceError(

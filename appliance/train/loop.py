@@ -27,7 +27,7 @@ from appliance.train import checkpoint as ckpt
 from appliance.train import distributed
 from appliance.train.events import CheckpointSaved, EvalDone, EventSink, Note, PhaseChanged, RunStarted, StepDone, ignore
 from appliance.train.folder import RunFolder
-from appliance.train.model import attach_lora, checkpointing_for, prepare_for_training, trainable_parameters
+from appliance.train.model import add_neftune, attach_lora, checkpointing_for, prepare_for_training, trainable_parameters
 from appliance.train.objectives import Objective, objective_for
 from appliance.train.optim import build_optimizer, layer_groups, schedule_factor, unfrozen_groups
 from appliance.train.signals import StopSignals
@@ -159,7 +159,10 @@ class TrainingRun:
             self.emit(Note(f"MLPs computed {cfg.model.mlp_tile_tokens} tokens at a time"))
         spec = cfg.model.model_copy(update={"gradient_checkpointing": checkpointing})
         model = prepare_for_training(load_base(self.model_dir, spec, self.device, self.dtype, task=cfg.task, labels=self.data.labels), spec, self.device)
-        return attach_lora(model, self.cfg.lora, task=self.cfg.task)
+        model = attach_lora(model, cfg.lora, task=cfg.task)
+        if cfg.train.neftune_noise_alpha:
+            add_neftune(model, cfg.train.neftune_noise_alpha)
+        return model
 
     def on_step_start(self) -> None:
         """Set which adapter layers train in this phase; announce a new phase."""
@@ -487,13 +490,6 @@ class TrainingRun:
         )
 
 
-def run_training(
-    cfg: RunConfig,
-    registry: Registry,
-    adapter_name: str,
-    *,
-    resume: bool = False,
-    overwrite: bool = False,
-    events: EventSink = ignore,
-) -> TrainResult:
+def run_training(cfg: RunConfig, registry: Registry, adapter_name: str, *, resume: bool = False, overwrite: bool = False,
+                 events: EventSink = ignore) -> TrainResult:
     return TrainingRun(cfg, registry, adapter_name, resume=resume, overwrite=overwrite, events=events).run()

@@ -9,17 +9,13 @@ from typing import Any
 
 from appliance.config import LoraSpec, ModelSpec
 from appliance.errors import ApplianceError
+from appliance.hf import keep_4bit_layout
 
 
 def prepare_for_training(model: Any, spec: ModelSpec, device: str) -> Any:
     """The loaded base, ready for a training loop: bitsandbytes' inference layout off, gradient
     checkpointing (resolved, optionally offloaded) and MLP tiling as the spec says."""
-    for module in model.modules():
-        # bitsandbytes (0.50) repacks 4-bit weights for AVX512-BF16 CPUs on the first forward in
-        # eval mode and never unpacks them for training; the packed kernel has no backward, so
-        # gradients after a validation pass would be silently wrong. Keep the trainable layout.
-        if hasattr(module, "support_avx512bf16_for_cpu"):
-            module.support_avx512bf16_for_cpu = False
+    keep_4bit_layout(model)  # the packed kernel has no backward: gradients after a validation pass would be wrong
     if spec.gradient_checkpointing == "auto":
         raise ValueError("resolve gradient_checkpointing 'auto' first (checkpointing_for)")
     if spec.gradient_checkpointing:
@@ -125,6 +121,8 @@ def attach_lora(model: Any, lora: LoraSpec, *, task: str = "sft") -> Any:
         layers_pattern="layers" if layers is not None else None,
         bias="none",
         task_type="SEQ_CLS" if task == "classify" else "CAUSAL_LM",
+        use_dora=lora.use_dora,
+        use_rslora=lora.use_rslora,
     )
     try:
         model = get_peft_model(model, config)
@@ -141,3 +139,18 @@ def trainable_parameters(model: Any) -> tuple[int, int]:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     return trainable, total
+
+
+def add_neftune(model: Any, alpha: float) -> None:
+    """NEFTune (Jain et al. 2023): while training, add uniform noise of scale alpha / sqrt(L·d) to the
+    input embeddings (L the micro-batch's row width, d the embedding width, as transformers does);
+    validation and the saved adapter see none."""
+    import torch
+
+    def noisy(module: Any, _inputs: Any, output: torch.Tensor) -> torch.Tensor:
+        if not module.training:
+            return output
+        scale = alpha / (output.shape[1] * output.shape[2]) ** 0.5
+        return output + torch.zeros_like(output).uniform_(-scale, scale)
+
+    model.get_input_embeddings().register_forward_hook(noisy)
