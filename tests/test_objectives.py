@@ -76,3 +76,57 @@ def test_each_preference_loss_is_its_formula(recipe, tiny):
 def test_gamma_belongs_to_simpo(tiny):
     with pytest.raises(Exception, match="SimPO's target margin"):
         load_run_config("dpo", sets=["dpo.gamma=0.5"], flags={"model": {"name": "tiny"}, "data": {"files": [{"path": str(PREFS)}]}})
+
+
+def test_kto_is_its_formula_with_the_kl_from_mismatched_pairs(tiny):
+    cfg = load_run_config("kto", flags={
+        "model": {"name": "tiny"}, "data": {"files": [{"path": str(REPO / "tests" / "data" / "feedback.jsonl")}], "val": 2},
+        "train": {"steps": 1, "batch_size": 4, "device": "cpu"},
+    })
+    run = TrainingRun(cfg, tiny, "loss-kto")
+    run.setup()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, param in run.adapter_params.items():
+            if "lora_B" in name:
+                param.normal_(0, 0.05)
+    run.model.eval()
+    answers = [run.data.train[i].item for i in range(4)]
+    assert {a.desirable for a in answers} == {True, False}
+    batch = run.objective.collate(answers)
+    tensors = {k: v.to(run.device) for k, v in batch.tensors.items()}
+    with torch.no_grad():
+        # A policy whose KL estimate is above zero, so the clamp does not hide it.
+        for seed in range(1, 20):
+            if run.objective.loss_sum(run.model, tensors)[1]["kl"] > 0.01:
+                break
+            torch.manual_seed(seed)
+            for name, param in run.adapter_params.items():
+                if "lora_B" in name:
+                    param.normal_(0, 0.05)
+        loss, figures = run.objective.loss_sum(run.model, tensors)
+
+        def reward(item):
+            policy = _answer_logprob(run.model, item)[0]
+            with run.model.disable_adapter():
+                return policy - _answer_logprob(run.model, item)[0]
+
+        from appliance.data.template import TokenizedExample
+
+        rewards = [reward(a.conversation) for a in answers]
+        # Each prompt with the next answer: the prompt's tokens up to its answer, then the other's answer.
+        mismatched = [
+            TokenizedExample(a.conversation.input_ids[: a.answer_start] + b.conversation.input_ids[b.answer_start :],
+                             a.conversation.labels[: a.answer_start] + b.conversation.labels[b.answer_start :])
+            for a, b in zip(answers, answers[1:] + answers[:1])
+        ]
+        z = max(0.0, sum(reward(m) for m in mismatched) / len(mismatched))
+    beta, wd, wu = cfg.kto.beta, cfg.kto.desirable_weight, cfg.kto.undesirable_weight
+    expected = sum(
+        wd * (1 - 1 / (1 + math.exp(-beta * (r - z)))) if a.desirable else wu * (1 - 1 / (1 + math.exp(-beta * (z - r))))
+        for a, r in zip(answers, rewards)
+    )
+    print(f"\nkto: objective {float(loss):.5f}, by hand {expected:.5f}; z {z:.4f}; {figures}")
+    assert float(loss) == pytest.approx(expected, rel=2e-3, abs=2e-4)
+    assert z > 0.01 and figures["kl"] == pytest.approx(z, rel=2e-3)
+    assert {"reward_margin", "reward_accuracy"} <= set(figures)

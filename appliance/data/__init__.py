@@ -2,7 +2,7 @@
 (template), tokenizing per task (encoders), splits and the leakage check (split), mixing and replay
 (mix), the whole preparation (dataset), and batches (batches). Tokenizers, never models."""
 
-from appliance.data.batches import Batch, MicroBatchPlan, collate_classification, collate_lm, collate_pairs
+from appliance.data.batches import Batch, MicroBatchPlan, collate_classification, collate_lm, collate_pairs, collate_unpaired
 from appliance.data.dataset import DataReport, PreparedData, data_records, examples_per_epoch, prepare
 from appliance.data.encoders import Encoded
 from appliance.data.formats import Message
@@ -33,6 +33,7 @@ __all__ = [
     "collate_classification",
     "collate_lm",
     "collate_pairs",
+    "collate_unpaired",
     "data_records",
     "end_of_turn",
     "examples_per_epoch",

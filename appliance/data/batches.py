@@ -115,6 +115,29 @@ def collate_pairs(items: Sequence[Any], pad_id: int, packing: bool) -> Batch:
     return batch
 
 
+def collate_unpaired(items: Sequence[Any], pad_id: int, packing: bool) -> Batch:
+    """KTO's answers (segments 0..n-1), then each prompt with the next item's answer (segments
+    n..2n-1): the mismatched pairs whose reward estimates the policy's KL from the reference.
+    `desirable` marks each answer; the batch's unit is the answer."""
+    import torch
+
+    from appliance.data.template import TokenizedExample
+
+    n = len(items)
+    mismatched = []
+    for i, item in enumerate(items):
+        other = items[(i + 1) % n]
+        start, other_start = item.answer_start, other.answer_start
+        mismatched.append(TokenizedExample(
+            item.conversation.input_ids[:start] + other.conversation.input_ids[other_start:],
+            item.conversation.labels[:start] + other.conversation.labels[other_start:],
+        ))
+    batch = collate_lm([x.conversation for x in items] + mismatched, pad_id, packing)
+    batch.tensors["desirable"] = torch.tensor([x.desirable for x in items])
+    batch.trained_tokens = n
+    return batch
+
+
 def collate_classification(items: Sequence[Any], pad_id: int) -> Batch:
     """Labelled texts, right-padded (the classifier reads the last real token)."""
     import torch

@@ -3,6 +3,7 @@
     sft       chat template, loss on assistant tokens only
     cpt       raw text packed into seq_len blocks, end-of-text between documents, loss everywhere
     dpo       a chosen and a rejected conversation per prompt, loss on the answers
+    kto       one conversation per answer, marked desirable or not, loss on the answer
     classify  the text and a class id
 """
 
@@ -12,9 +13,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from appliance.config import DataSpec
-from appliance.data.formats import ChatExample, ClassificationExample, Example, Message, PreferenceExample, TextExample
+from appliance.data.formats import ChatExample, ClassificationExample, Example, Message, PreferenceExample, TextExample, UnpairedExample
 from appliance.data.load import Problem
-from appliance.data.template import TemplateMismatch, TokenizedExample, end_of_text_id, end_of_turn, tokenize_chat
+from appliance.data.template import IGNORE_INDEX, TemplateMismatch, TokenizedExample, end_of_text_id, end_of_turn, tokenize_chat
 from appliance.errors import ApplianceError
 
 if TYPE_CHECKING:
@@ -40,6 +41,27 @@ class PreferencePair:
     @property
     def trained_tokens(self) -> int:
         return self.chosen.trained_tokens + self.rejected.trained_tokens
+
+
+@dataclass(frozen=True)
+class UnpairedAnswer:
+    """A conversation ending in one answer, and whether the answer is desirable (KTO)."""
+
+    conversation: TokenizedExample
+    desirable: bool
+
+    @property
+    def length(self) -> int:
+        return len(self.conversation.input_ids)
+
+    @property
+    def trained_tokens(self) -> int:
+        return self.conversation.trained_tokens
+
+    @property
+    def answer_start(self) -> int:
+        """Where the answer begins: the first labelled token (the prompt and template before it have none)."""
+        return next(i for i, x in enumerate(self.conversation.labels) if x != IGNORE_INDEX)
 
 
 @dataclass(frozen=True)
@@ -187,6 +209,23 @@ class PreferenceEncoder(Encoder):
         return PreferencePair(*cut) if all(x.trained_tokens for x in cut) else None
 
 
+class UnpairedEncoder(Encoder):
+    """A prompt with one answer marked desirable or not: one conversation, loss on the answer."""
+
+    def __init__(self, tokenizer: Any, spec: DataSpec):
+        super().__init__(tokenizer, spec)
+        self.eot = end_of_turn(tokenizer)
+
+    def encode(self, example: Example) -> UnpairedAnswer:
+        assert isinstance(example, UnpairedExample)
+        conversation = tokenize_chat(self.tokenizer, example.prompt + (Message("assistant", example.completion),), self.eot)
+        return UnpairedAnswer(conversation, example.desirable)
+
+    def truncate(self, item: UnpairedAnswer) -> UnpairedAnswer | None:
+        cut = TokenizedExample(item.conversation.input_ids[: self.seq_len], item.conversation.labels[: self.seq_len])
+        return UnpairedAnswer(cut, item.desirable) if cut.trained_tokens else None
+
+
 class ClassificationEncoder(Encoder):
     """Text → token ids (ending in eos, where the classifier reads), label → class id."""
 
@@ -224,5 +263,6 @@ ENCODERS: dict[str, type[Encoder]] = {
     "sft": ChatEncoder,
     "cpt": TextEncoder,
     "dpo": PreferenceEncoder,
+    "kto": UnpairedEncoder,
     "classify": ClassificationEncoder,
 }

@@ -96,6 +96,23 @@ class PreferenceExample:
 
 
 @dataclass(frozen=True)
+class UnpairedExample:
+    """KTO's unpaired feedback: one answer, marked desirable or not."""
+
+    prompt: tuple[Message, ...]
+    completion: str
+    desirable: bool
+
+    @property
+    def prompt_key(self) -> str:
+        return "\x1e".join(f"{m.role}\x1f{m.content.strip()}" for m in self.prompt)
+
+    @property
+    def key(self) -> str:
+        return f"{self.prompt_key}\x1d{self.completion}\x1d{self.desirable}"
+
+
+@dataclass(frozen=True)
 class ClassificationExample:
     text: str
     label: str
@@ -109,7 +126,7 @@ class ClassificationExample:
         return f"{self.text}\x1d{self.label}"
 
 
-Example = ChatExample | TextExample | PreferenceExample | ClassificationExample
+Example = ChatExample | TextExample | PreferenceExample | UnpairedExample | ClassificationExample
 
 
 # -- field helpers -----------------------------------------------------------
@@ -268,18 +285,30 @@ def parse_text(record: dict[str, Any]) -> TextExample:
     return TextExample(_string(record, "text"))
 
 
-def parse_preference(record: dict[str, Any]) -> PreferenceExample:
+def _prompt(record: dict[str, Any]) -> tuple[Message, ...]:
+    """A preference prompt: a string (one user turn) or the conversation before the answer."""
     prompt_value = record.get("prompt")
     if isinstance(prompt_value, str):
         if not prompt_value.strip():
             raise RecordError("'prompt' is empty")
-        prompt = (Message("user", prompt_value),)
-    else:
-        prompt = parse_messages(prompt_value, "prompt", need_assistant_last=False)
+        return (Message("user", prompt_value),)
+    return parse_messages(prompt_value, "prompt", need_assistant_last=False)
+
+
+def parse_preference(record: dict[str, Any]) -> PreferenceExample:
+    prompt = _prompt(record)
     chosen, rejected = (_completion(record.get(k), k) for k in ("chosen", "rejected"))
     if chosen.strip() == rejected.strip():
         raise RecordError("'chosen' and 'rejected' are the same answer: the pair teaches nothing")
     return PreferenceExample(prompt, chosen, rejected)
+
+
+def parse_unpaired(record: dict[str, Any]) -> UnpairedExample:
+    """TRL's unpaired preference lines: {"prompt", "completion", "label": true (desirable) | false}."""
+    label = record.get("label")
+    if not isinstance(label, bool):
+        raise RecordError("'label' must be true (a desirable answer) or false (an undesirable one)")
+    return UnpairedExample(_prompt(record), _completion(record.get("completion"), "completion"), label)
 
 
 def _completion(value: Any, key: str) -> str:
@@ -329,6 +358,8 @@ FORMATS: dict[str, Format] = {
         Format("prompt-completion", frozenset({"prompt", "completion"}), frozenset(), parse_prompt_completion, '{"prompt", "completion"}'),
         Format("preference", frozenset({"prompt", "chosen", "rejected"}), frozenset(), parse_preference,
                '{"prompt", "chosen", "rejected"}'),
+        Format("unpaired", frozenset({"prompt", "completion", "label"}), frozenset(), parse_unpaired,
+               '{"prompt", "completion", "label": true|false}'),
         Format("classification", frozenset({"text", "label"}), frozenset(), parse_classification, '{"text", "label"}'),
         Format("text", frozenset({"text"}), frozenset(), parse_text, '{"text"}'),
     )
@@ -339,6 +370,7 @@ TASK_FORMATS: dict[str, tuple[str, ...]] = {
     "sft": ("chat", "sharegpt", "instruction", "prompt-completion"),
     "cpt": ("text",),
     "dpo": ("preference",),
+    "kto": ("unpaired",),
     "classify": ("classification",),
 }
 

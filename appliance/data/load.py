@@ -302,11 +302,11 @@ def _check_keys(record: dict, fmt: Format) -> str | None:
     return None
 
 
-RECIPE_FOR_TASK = {"sft": "sft-qlora", "cpt": "cpt", "dpo": "dpo", "classify": "classify"}
+RECIPE_FOR_TASK = {"sft": "sft-qlora", "cpt": "cpt", "dpo": "dpo", "kto": "kto", "classify": "classify"}
 
 
 def recipe_for(path: Path) -> str:
     """The recipe a data file's format calls for: chat and instructions sft-qlora, raw text cpt,
-    preference pairs dpo, labelled texts classify."""
+    preference pairs dpo, unpaired answers marked desirable or not kto, labelled texts classify."""
     fmt = load_file(path).format
     return RECIPE_FOR_TASK[next((task for task, formats in TASK_FORMATS.items() if fmt in formats), "sft")]

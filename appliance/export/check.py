@@ -42,7 +42,7 @@ def validation_prompts(adapter: AdapterManifest, tokenizer: Any) -> list[list[in
     from appliance.data import IGNORE_INDEX, prepare
     from appliance.merge import VALIDATION_EXAMPLES
 
-    if adapter.task not in ("sft", "dpo"):
+    if adapter.task not in ("sft", "dpo", "kto"):  # the tasks with prompts
         return []
     try:
         prepared = prepare(RunConfig.model_validate(adapter.config).data, adapter.task, tokenizer)

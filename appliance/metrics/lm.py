@@ -192,6 +192,20 @@ def preference_margins(model: Any, batches: Any, device: str) -> torch.Tensor:
 
 
 @torch.no_grad()
+def unpaired_answer_logprobs(model: Any, batches: Any, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean log-probability per answer token, desirable) for each answer of collate_unpaired batches
+    (their mismatched half is not scored): the policy's own, so any model scores."""
+    means, desirable = [], []
+    for batch in batches:
+        tensors = _on(batch, device)
+        n = int(tensors["segments"].max()) + 1
+        mean = sequence_logprobs(model, tensors, n) / sequence_token_counts(tensors, n).clamp_min(1)
+        means.append(mean[: n // 2].float().cpu())
+        desirable.append(batch.tensors["desirable"])
+    return torch.cat(means), torch.cat(desirable)
+
+
+@torch.no_grad()
 def class_probabilities(model: Any, batches: Any, device: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(class probabilities, true labels) over collate_classification batches."""
     probs, labels = [], []

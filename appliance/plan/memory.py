@@ -26,6 +26,7 @@ from typing import Any, Callable, Literal
 
 from pydantic import BaseModel, Field, computed_field
 
+from appliance.config import sequences_per_example
 from appliance.plan.constants import (
     ABSMAX_BITS,
     ALLOCATOR_SLACK,
@@ -57,8 +58,8 @@ def _stream_bytes(settings: TrainSettings, loop: Loop) -> int:
 
 
 def _rows(settings: TrainSettings) -> int:
-    """Sequences per micro-batch: a DPO example is a chosen and a rejected answer."""
-    return settings.batch_size * (2 if settings.task == "dpo" else 1)
+    """Sequences per micro-batch: a DPO example is a chosen and a rejected answer, a KTO one its answer and a mismatched one."""
+    return settings.batch_size * sequences_per_example(settings.task)
 
 
 def lora_parameters(shape: ModelShape, settings: TrainSettings) -> int:

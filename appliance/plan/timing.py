@@ -88,7 +88,7 @@ def flops_per_token(shape: ModelShape, settings: TrainSettings) -> float:
         # The tiled MLP's extra forward, tile by tile in backward.
         shapes = shape.linear_shapes()
         recompute += 2 * layers * sum(i * o + (s.rank * (i + o) if m in lora_targets(s) else 0) for m, (i, o) in shapes.items() if m in MLP_MODULES)
-    reference = base + attention + head if s.task == "dpo" else 0  # DPO's adapter-off reference pass
+    reference = base + attention + head if s.task in ("dpo", "kto") else 0  # the adapter-off reference pass
     return forward + backward + recompute + reference
 
 

@@ -15,6 +15,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from appliance.config import GENERATION_TASKS
 from appliance.errors import ApplianceError
 from appliance.hardware import gpu_present
 from appliance.registry import AdapterManifest, ModelManifest, Registry
@@ -132,7 +133,7 @@ def check_servable(adapter: AdapterManifest, model: ModelManifest, max_rank: int
             f"not on {model.name!r} (fingerprint {model.fingerprint}).",
             f"serve it with its own base: appliance serve {adapter.base} --adapter {adapter.name}",
         )
-    if adapter.task not in ("sft", "cpt", "dpo"):
+    if adapter.task not in GENERATION_TASKS:
         raise ApplianceError(f"Adapter {adapter.name!r} is a {adapter.task} adapter; vLLM serves text-generation adapters.", None)
     if adapter.config.get("lora", {}).get("use_dora"):
         raise ApplianceError(

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from appliance.config import RunConfig
+from appliance.config import RunConfig, sequences_per_example
 from appliance.data import Batch, MicroBatchPlan, MixturePlan, PreparedData, data_records, examples_per_epoch, prepare
 from appliance.errors import ApplianceError, TrainingInterrupted
 from appliance.hardware import detect, peak_memory_gib
@@ -148,7 +148,7 @@ class TrainingRun:
 
     def _build_model(self):
         cfg = self.cfg
-        rows = cfg.train.batch_size * (2 if cfg.task == "dpo" else 1)  # a DPO example is two sequences
+        rows = cfg.train.batch_size * sequences_per_example(cfg.task)
         checkpointing, why = checkpointing_for(cfg.model, cfg.lora, self.device, self.dtype, self.model_dir, rows * cfg.data.seq_len)
         self.emit(Note(f"gradient checkpointing {'on' if checkpointing else 'off'} ({why})"))
         self.gradient_checkpointing = checkpointing

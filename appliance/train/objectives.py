@@ -7,7 +7,7 @@ from typing import Any, Sequence
 
 import torch
 
-from appliance.data import Batch, collate_classification, collate_lm, collate_pairs
+from appliance.data import Batch, collate_classification, collate_lm, collate_pairs, collate_unpaired
 from appliance.metrics.scores import classification_metrics
 from appliance.metrics.lm import (
     causal_lm_loss_sum,
@@ -113,6 +113,62 @@ class PreferenceObjective(Objective):
         }
 
 
+class UnpairedObjective(Objective):
+    """KTO (Ethayarajh et al. 2024) on unpaired answers, each desirable or not. With r = log π(y) − log π_ref(y)
+    and z = max(0, mean r over mismatched prompt/answer pairs) (detached: the policy's KL from the
+    reference, estimated in the same batch), an answer costs λ_D·(1 − σ(β(r − z))) when desirable and
+    λ_U·(1 − σ(β(z − r))) when not. The reference is the base with the adapter switched off."""
+
+    def __init__(self, pad_id: int, packing: bool, beta: float, desirable_weight: float, undesirable_weight: float):
+        super().__init__(pad_id, packing)
+        self.beta, self.desirable_weight, self.undesirable_weight = beta, desirable_weight, undesirable_weight
+
+    def collate(self, items: Sequence[Any]) -> Batch:
+        return collate_unpaired(items, self.pad_id, self.packing)
+
+    def _terms(self, model: Any, tensors: dict[str, torch.Tensor]):
+        """(summed loss, reward per answer, KL estimate z, desirable mask)."""
+        n = int(tensors["segments"].max()) + 1
+        policy = sequence_logprobs(model, tensors, n)
+        with torch.no_grad(), model.disable_adapter():
+            reference = sequence_logprobs(model, tensors, n)
+        half = n // 2
+        reward = policy[:half] - reference[:half]
+        z = (policy[half:] - reference[half:]).detach().mean().clamp_min(0)
+        desirable = tensors["desirable"]
+        loss = torch.where(
+            desirable,
+            self.desirable_weight * (1 - torch.sigmoid(self.beta * (reward - z))),
+            self.undesirable_weight * (1 - torch.sigmoid(self.beta * (z - reward))),
+        )
+        return loss.sum(), reward.detach(), z, desirable
+
+    @staticmethod
+    def _figures(reward: torch.Tensor, z: torch.Tensor, desirable: torch.Tensor) -> dict[str, float]:
+        """The KL estimate; how often an answer's reward falls on its label's side of it; the mean reward
+        of desirable minus undesirable answers (when the batch has both)."""
+        figures = {"kl": float(z.mean()), "reward_accuracy": float(((reward > z) == desirable).float().mean())}
+        if desirable.any() and (~desirable).any():
+            figures["reward_margin"] = float(reward[desirable].mean() - reward[~desirable].mean())
+        return figures
+
+    def loss_sum(self, model, tensors):
+        loss, reward, z, desirable = self._terms(model, tensors)
+        return loss, self._figures(reward, z, desirable)
+
+    @torch.no_grad()
+    def evaluate(self, model, batches, device):
+        losses, rewards, zs, desirables = [], [], [], []
+        for batch in batches:
+            loss, reward, z, desirable = self._terms(model, _to(batch, device))
+            losses.append(float(loss))
+            rewards.append(reward)
+            zs.append(z.expand_as(reward))
+            desirables.append(desirable)
+        reward, z, desirable = torch.cat(rewards), torch.cat(zs), torch.cat(desirables)
+        return {"val_loss": sum(losses) / len(reward), **{f"val_{k}": v for k, v in self._figures(reward, z, desirable).items()}}
+
+
 class ClassificationObjective(Objective):
     """Cross-entropy over classes from a sequence-classification head (LoRA + trained head)."""
 
@@ -139,6 +195,8 @@ class ClassificationObjective(Objective):
 def objective_for(task: str, pad_id: int, packing: bool, cfg: Any) -> Objective:
     if task == "dpo":
         return PreferenceObjective(pad_id, packing, cfg.dpo.beta, cfg.dpo.loss, cfg.dpo.gamma)
+    if task == "kto":
+        return UnpairedObjective(pad_id, packing, cfg.kto.beta, cfg.kto.desirable_weight, cfg.kto.undesirable_weight)
     if task == "classify":
         return ClassificationObjective(pad_id, packing, cfg.classify.metric)
     return Objective(pad_id, packing)
