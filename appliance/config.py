@@ -54,8 +54,8 @@ class Spec(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
-Task = Literal["sft", "cpt", "dpo", "kto", "classify"]
-GENERATION_TASKS = ("sft", "cpt", "dpo", "kto")  # adapters of a causal LM: served by vLLM, exported to GGUF
+Task = Literal["sft", "cpt", "dpo", "kto", "grpo", "classify"]
+GENERATION_TASKS = ("sft", "cpt", "dpo", "kto", "grpo")  # adapters of a causal LM: served by vLLM, exported to GGUF
 
 
 def sequences_per_example(task: str) -> int:
@@ -246,6 +246,23 @@ class KtoSpec(Spec):
     undesirable_weight: float = Field(1.0, gt=0, description="λ_U: weight of undesirable answers")
 
 
+class GrpoSpec(Spec):
+    """GRPO (Shao et al. 2024): answers sampled from the policy in groups, each scored by reward functions,
+    its advantage its reward's distance from its group's mean in the group's standard deviations."""
+
+    reward_file: Path | None = Field(None, description="a Python file of reward functions f(prompt, completion[, answer]) -> float (--reward)")
+    group_size: int = Field(4, ge=2, description="answers sampled per prompt; the advantage compares them")
+    max_new_tokens: int = Field(64, ge=1, description="longest sampled answer")
+    temperature: float = Field(1.0, gt=0, description="sampling temperature of the answers")
+    beta: float = Field(0.0, ge=0, description="KL penalty to the adapter-off reference (0: none, TRL's default; 0.04 in the paper)")
+
+    @model_validator(mode="after")
+    def _reward(self) -> "GrpoSpec":
+        if self.reward_file is None:
+            raise ValueError("GRPO needs reward functions: --reward rewards.py (or grpo.reward_file)")
+        return self
+
+
 class ClassifySpec(Spec):
     metric: Literal["val_loss", "val_accuracy", "val_macro_f1"] = Field("val_loss", description="what early stopping watches")
 
@@ -255,23 +272,24 @@ TrainSpec.model_rebuild()
 
 class RunConfig(Spec):
     recipe: str = Field("sft-qlora", description="recipe name in profiles/recipes")
-    task: Task = Field("sft", description="what the loss is: sft (assistant tokens), cpt, dpo (also simpo, orpo), kto, classify")
+    task: Task = Field("sft", description="what the loss is: sft (assistant tokens), cpt, dpo (also simpo, orpo), kto, grpo, classify")
     model: ModelSpec = Field(default_factory=ModelSpec)
     lora: LoraSpec = Field(default_factory=LoraSpec)
     data: DataSpec = Field(default_factory=DataSpec)
     train: TrainSpec = Field(default_factory=TrainSpec)
     dpo: DpoSpec | None = Field(None, description="settings of the dpo, simpo and orpo recipes")
     kto: KtoSpec | None = Field(None, description="settings of the kto recipe")
+    grpo: GrpoSpec | None = Field(None, description="settings of the grpo recipe")
     classify: ClassifySpec | None = Field(None, description="settings of the classify recipe")
 
     @model_validator(mode="after")
     def _task_sections(self) -> "RunConfig":
         """A section belongs to its recipe: `dpo.beta` in an sft run is a mistake, not a no-op."""
-        for section in ("dpo", "kto", "classify"):
+        for section in ("dpo", "kto", "grpo", "classify"):
             if getattr(self, section) is not None and self.task != section:
                 raise ValueError(f"'{section}' settings apply only to the {section} task, and this run's task is {self.task!r}")
             if getattr(self, section) is None and self.task == section:
-                setattr(self, section, {"dpo": DpoSpec, "kto": KtoSpec, "classify": ClassifySpec}[section]())
+                setattr(self, section, {"dpo": DpoSpec, "kto": KtoSpec, "grpo": GrpoSpec, "classify": ClassifySpec}[section]())
         if self.data.replay is not None and self.task == "classify":
             raise ValueError("data.replay mixes general data into generation tasks; it does not apply to classify")
         return self

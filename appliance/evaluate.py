@@ -4,6 +4,7 @@
     cpt       perplexity on held-out domain text
     dpo       log π(chosen) − log π(rejected) margin and preference accuracy
     kto       mean log π per token of desirable and of undesirable answers, and their gap
+    grpo      the mean reward of a greedy answer to each held-out prompt (the run's reward functions)
     classify  accuracy, macro F1, ROC AUC (the "before" is the majority class)
 and for generation tasks a forgetting check: perplexity on general text shipped
 with the package, base versus adapter, as a change in %.
@@ -107,7 +108,8 @@ def evaluate_adapter(
         "dpo": lambda xs: collate_pairs(xs, pad, True),
         "kto": lambda xs: collate_unpaired(xs, pad, True),
     }.get(cfg.task, lambda xs: collate_lm(xs, pad, True))
-    batches = [collate([e.item for e in items[i : i + 8]]) for i in range(0, len(items), 8)]
+    # GRPO's held-out data are prompts: their answers are sampled, not read.
+    batches = [collate([e.item for e in items[i : i + 8]]) for i in range(0, len(items), 8)] if cfg.task != "grpo" else []
 
     loaded_other: list[Any] = []
 
@@ -140,6 +142,13 @@ def evaluate_adapter(
         report.after = _preference_scores(lm.preference_margins(model, batches, device))
         with before_model() as reference:
             report.before = _preference_scores(lm.preference_margins(reference, batches, device))
+    elif cfg.task == "grpo":
+        from appliance.rewards import load_rewards, mean_reward
+
+        rewards, prompts = load_rewards(cfg.grpo.reward_file), [e.item for e in items]
+        report.after["reward"] = mean_reward(model, tokenizer, prompts, rewards, cfg.grpo.max_new_tokens)
+        with before_model() as reference:
+            report.before["reward"] = mean_reward(reference, tokenizer, prompts, rewards, cfg.grpo.max_new_tokens)
     elif cfg.task == "kto":
         report.after = _unpaired_scores(*lm.unpaired_answer_logprobs(model, batches, device))
         with before_model() as reference:

@@ -58,6 +58,7 @@ FLAG_SETTINGS = {
     "temperature": "data.mix.temperature",
     "val_file": "data.val_file",
     "report_to": "train.report_to",
+    "reward": "grpo.reward_file",
 }
 
 
@@ -122,6 +123,8 @@ def data_options(fn):
 @click.option("--save-every", type=int, help="checkpoint every N steps")
 @click.option("--eval-every", type=int, help="validation every N steps")
 @click.option("--layers", help="train adapters only on these layers: top:8, 0-11, 3,5,7")
+@click.option("--reward", type=click.Path(exists=True, dir_okay=False, resolve_path=True, path_type=Path),
+              help="--recipe grpo: a Python file of reward functions f(prompt, completion[, answer]) -> float")
 @click.option("--gpu", help='plan for this GPU profile ("RTX 3060", ...) instead of the one detected')
 @click.option("--fit", is_flag=True, help="when the plan does not fit the GPU, apply the cheapest change that does")
 @click.option("--resume", is_flag=True, help="continue from the newest checkpoint of this run")

@@ -182,7 +182,7 @@ def prepare(
         for name in SPLITS:
             setattr(prepared, name, [Encoded(r.source, r.line, None) for r in splits[name]])
     else:
-        if task in ("sft", "dpo", "kto"):
+        if task in ("sft", "dpo", "kto", "grpo"):
             require_chat_template(tokenizer, model_name)
         encoder = ENCODERS[task](tokenizer, spec)
         prepared.labels = encoder.prepare_labels(splits, sources, strict)

@@ -4,6 +4,7 @@
     cpt       raw text packed into seq_len blocks, end-of-text between documents, loss everywhere
     dpo       a chosen and a rejected conversation per prompt, loss on the answers
     kto       one conversation per answer, marked desirable or not, loss on the answer
+    grpo      the prompt alone, rendered up to the answer (answers are sampled in training)
     classify  the text and a class id
 """
 
@@ -13,9 +14,18 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from appliance.config import DataSpec
-from appliance.data.formats import ChatExample, ClassificationExample, Example, Message, PreferenceExample, TextExample, UnpairedExample
+from appliance.data.formats import (
+    ChatExample,
+    ClassificationExample,
+    Example,
+    Message,
+    PreferenceExample,
+    PromptExample,
+    TextExample,
+    UnpairedExample,
+)
 from appliance.data.load import Problem
-from appliance.data.template import IGNORE_INDEX, TemplateMismatch, TokenizedExample, end_of_text_id, end_of_turn, tokenize_chat
+from appliance.data.template import IGNORE_INDEX, TemplateMismatch, TokenizedExample, end_of_text_id, end_of_turn, render, tokenize_chat
 from appliance.errors import ApplianceError
 
 if TYPE_CHECKING:
@@ -51,6 +61,10 @@ class UnpairedAnswer:
     desirable: bool
 
     @property
+    def input_ids(self) -> list[int]:
+        return self.conversation.input_ids
+
+    @property
     def length(self) -> int:
         return len(self.conversation.input_ids)
 
@@ -62,6 +76,21 @@ class UnpairedAnswer:
     def answer_start(self) -> int:
         """Where the answer begins: the first labelled token (the prompt and template before it have none)."""
         return next(i for i, x in enumerate(self.conversation.labels) if x != IGNORE_INDEX)
+
+
+@dataclass(frozen=True)
+class PromptTokens:
+    """A prompt rendered for generation (the template's assistant header last), with what rewards read."""
+
+    input_ids: list[int]
+    prompt: str  # the last user turn, as the user wrote it
+    answer: str | None
+
+    @property
+    def length(self) -> int:
+        return len(self.input_ids)
+
+    trained_tokens = 0  # the answers are sampled while training
 
 
 @dataclass(frozen=True)
@@ -226,6 +255,16 @@ class UnpairedEncoder(Encoder):
         return UnpairedAnswer(cut, item.desirable) if cut.trained_tokens else None
 
 
+class PromptEncoder(Encoder):
+    """GRPO: the prompt through the chat template, ending where the model's answer begins."""
+
+    def encode(self, example: Example) -> PromptTokens:
+        assert isinstance(example, PromptExample)
+        text = render(self.tokenizer, example.prompt, add_generation_prompt=True)
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return PromptTokens(ids, next(m.content for m in reversed(example.prompt) if m.role == "user"), example.answer)
+
+
 class ClassificationEncoder(Encoder):
     """Text → token ids (ending in eos, where the classifier reads), label → class id."""
 
@@ -264,5 +303,6 @@ ENCODERS: dict[str, type[Encoder]] = {
     "cpt": TextEncoder,
     "dpo": PreferenceEncoder,
     "kto": UnpairedEncoder,
+    "grpo": PromptEncoder,
     "classify": ClassificationEncoder,
 }

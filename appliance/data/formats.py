@@ -113,6 +113,20 @@ class UnpairedExample:
 
 
 @dataclass(frozen=True)
+class PromptExample:
+    """A prompt alone (GRPO samples the answers), with an optional reference answer for the rewards."""
+
+    prompt: tuple[Message, ...]
+    answer: str | None
+
+    @property
+    def prompt_key(self) -> str:
+        return "\x1e".join(f"{m.role}\x1f{m.content.strip()}" for m in self.prompt)
+
+    key = prompt_key
+
+
+@dataclass(frozen=True)
 class ClassificationExample:
     text: str
     label: str
@@ -126,7 +140,7 @@ class ClassificationExample:
         return f"{self.text}\x1d{self.label}"
 
 
-Example = ChatExample | TextExample | PreferenceExample | UnpairedExample | ClassificationExample
+Example = ChatExample | TextExample | PreferenceExample | UnpairedExample | PromptExample | ClassificationExample
 
 
 # -- field helpers -----------------------------------------------------------
@@ -311,6 +325,14 @@ def parse_unpaired(record: dict[str, Any]) -> UnpairedExample:
     return UnpairedExample(_prompt(record), _completion(record.get("completion"), "completion"), label)
 
 
+def parse_prompt(record: dict[str, Any]) -> PromptExample:
+    """GRPO's prompts: {"prompt"} with an optional reference {"answer"} that reward functions may read."""
+    answer = record.get("answer")
+    if answer is not None and not isinstance(answer, (str, int, float)):
+        raise RecordError("'answer' must be a string or a number")
+    return PromptExample(_prompt(record), None if answer is None else str(answer))
+
+
 def _completion(value: Any, key: str) -> str:
     """A preference answer: a string, or chat-style [{'role': 'assistant', 'content': ...}]."""
     if isinstance(value, list) and len(value) == 1 and isinstance(value[0], dict):
@@ -360,6 +382,7 @@ FORMATS: dict[str, Format] = {
                '{"prompt", "chosen", "rejected"}'),
         Format("unpaired", frozenset({"prompt", "completion", "label"}), frozenset(), parse_unpaired,
                '{"prompt", "completion", "label": true|false}'),
+        Format("prompt", frozenset({"prompt"}), frozenset({"answer"}), parse_prompt, '{"prompt", "answer"?}'),
         Format("classification", frozenset({"text", "label"}), frozenset(), parse_classification, '{"text", "label"}'),
         Format("text", frozenset({"text"}), frozenset(), parse_text, '{"text"}'),
     )
@@ -371,6 +394,7 @@ TASK_FORMATS: dict[str, tuple[str, ...]] = {
     "cpt": ("text",),
     "dpo": ("preference",),
     "kto": ("unpaired",),
+    "grpo": ("prompt",),
     "classify": ("classification",),
 }
 

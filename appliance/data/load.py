@@ -302,7 +302,7 @@ def _check_keys(record: dict, fmt: Format) -> str | None:
     return None
 
 
-RECIPE_FOR_TASK = {"sft": "sft-qlora", "cpt": "cpt", "dpo": "dpo", "kto": "kto", "classify": "classify"}
+RECIPE_FOR_TASK = {"sft": "sft-qlora", "cpt": "cpt", "dpo": "dpo", "kto": "kto", "grpo": "grpo", "classify": "classify"}
 
 
 def recipe_for(path: Path) -> str:

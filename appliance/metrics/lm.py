@@ -113,6 +113,12 @@ def sequence_logprobs(model, tensors: dict[str, torch.Tensor], n_items: int) -> 
     Each chunk's logits are recomputed in backward (checkpoint) rather than kept: DPO
     needs the log-probabilities themselves, so the fused CE gradient trick does not apply.
     """
+    token_logprobs, segment = label_logprobs(model, tensors)
+    return torch.zeros(n_items, dtype=torch.float32, device=token_logprobs.device).index_add(0, segment, token_logprobs)
+
+
+def label_logprobs(model, tensors: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """log p(label token) at every labelled position, and the item (segment) each belongs to."""
     from torch.utils.checkpoint import checkpoint
 
     hidden = causal_lm_hidden(model, tensors)
@@ -128,8 +134,7 @@ def sequence_logprobs(model, tensors: dict[str, torch.Tensor], n_items: int) -> 
         else _chunk_logprobs(head, selected[s : s + rows], chosen_targets[s : s + rows])
         for s in range(0, selected.shape[0], rows)
     ]
-    token_logprobs = torch.cat(parts) if parts else selected.new_zeros(0, dtype=torch.float32)
-    return torch.zeros(n_items, dtype=torch.float32, device=hidden.device).index_add(0, segment, token_logprobs)
+    return (torch.cat(parts) if parts else selected.new_zeros(0, dtype=torch.float32)), segment
 
 
 def sequence_token_counts(tensors: dict[str, torch.Tensor], n_items: int) -> torch.Tensor:

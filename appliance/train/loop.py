@@ -128,7 +128,7 @@ class TrainingRun:
         self.model = self._build_model()
         self.load_s = time.time() - started
         self.adapter_params = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
-        self.objective: Objective = objective_for(cfg.task, pad_id, cfg.train.packing, cfg)
+        self.objective: Objective = objective_for(cfg.task, pad_id, cfg.train.packing, cfg, model_dir)
         # The plan deals global micro-batches (every rank's examples); each rank takes its share.
         global_batch = cfg.train.batch_size * self.ranks.world
         if self.data.mixture is not None:

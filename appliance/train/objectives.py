@@ -192,7 +192,12 @@ class ClassificationObjective(Objective):
         return {"val_loss": loss, **{f"val_{k}": v for k, v in classification_metrics(probs, labels).items()}}
 
 
-def objective_for(task: str, pad_id: int, packing: bool, cfg: Any) -> Objective:
+def objective_for(task: str, pad_id: int, packing: bool, cfg: Any, model_dir: Any = None) -> Objective:
+    if task == "grpo":
+        from appliance.hf import load_tokenizer
+        from appliance.train.grpo import GroupRelativeObjective
+
+        return GroupRelativeObjective(pad_id, packing, cfg.grpo, load_tokenizer(model_dir))
     if task == "dpo":
         return PreferenceObjective(pad_id, packing, cfg.dpo.beta, cfg.dpo.loss, cfg.dpo.gamma)
     if task == "kto":

@@ -1,0 +1,75 @@
+"""GRPO with reward functions from a user's file: the rewards' contract on the tiny LLaMA in real 4-bit
+(bad files and functions are the user's mistakes, one message each), and on SmolLM2 a verifiable
+reward (brevity) that rises over a short run."""
+
+import json
+
+import pytest
+
+from appliance.config import load_run_config
+from appliance.errors import ApplianceError
+from appliance.rewards import exact_match, length, regex, score
+from appliance.train import run_training
+from conftest import REPO
+
+DATA = REPO / "tests" / "data"
+
+
+def grpo_config(model, rewards, **train):
+    return load_run_config("grpo", flags={
+        "model": {"name": model},
+        "data": {"files": [{"path": str(DATA / "prompts.jsonl")}], "val": 4},
+        "grpo": {"reward_file": str(rewards), "max_new_tokens": 24},
+        "train": {"save_every": 100, "eval_every": 100, **train},
+    })
+
+
+def test_ready_rewards_and_their_sum():
+    assert exact_match("q", " Madrid. ", answer="madrid") == 1.0 and exact_match("q", "Paris", answer="Madrid") == 0.0
+    assert regex(r"^\d+$")("q", "42") == 1.0 and regex(r"^\d+$")("q", "forty-two") == 0.0
+    assert length(10)("q", "x" * 30) == pytest.approx(-0.2)
+    # A function taking `answer` gets the line's reference; one that does not is called without it.
+    assert score([exact_match, regex("Mad")], "q", "Madrid", "Madrid") == 2.0
+
+
+def test_a_grpo_run_on_the_tiny_model_logs_its_rewards_and_saves_an_adapter(tiny):
+    result = run_training(grpo_config("tiny", DATA / "brevity_rewards.py", steps=2, batch_size=2, grad_accum=1), tiny, "g")
+    steps = [m for m in (json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()) if "loss" in m]
+    assert len(steps) == 2 and all({"reward", "reward_std", "completion_tokens"} <= set(m) for m in steps)
+    assert "val_reward" in result.metrics and (result.adapter_dir / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("body, words", [
+    ("x = 1\n", "defines no reward function"),
+    ("def f(prompt, completion):\n    return 1 / 0\n", "The reward function f failed: ZeroDivisionError"),
+    ("def f(prompt, completion):\n    return 'high'\n", "The reward function f failed: ValueError"),
+    ("import nosuchmodule\n", "failed to load: ModuleNotFoundError"),
+])
+def test_a_broken_reward_file_is_the_users_mistake(tiny, tmp_path, body, words):
+    rewards = tmp_path / "rewards.py"
+    rewards.write_text(body)
+    with pytest.raises(ApplianceError, match=words):
+        run_training(grpo_config("tiny", rewards, steps=1, batch_size=2, grad_accum=1), tiny, "broken")
+
+
+def test_grpo_needs_reward_functions():
+    with pytest.raises(Exception, match="GRPO needs reward functions"):
+        load_run_config("grpo", flags={"model": {"name": "tiny"}, "data": {"files": [{"path": str(DATA / "prompts.jsonl")}]}})
+
+
+@pytest.mark.slow
+def test_grpo_raises_a_verifiable_reward_on_smollm2(smollm2):
+    """Brevity (at most 8 words scores 1): SmolLM2's sampled answers start long; the reward must rise."""
+    from appliance.evaluate import evaluate_adapter
+
+    cfg = grpo_config("smollm2", DATA / "brevity_rewards.py", steps=10, batch_size=4, grad_accum=1, lr=2e-4)
+    result = run_training(cfg.with_changes({"data.test": 8}), smollm2, "terse")
+    steps = [m for m in (json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()) if "loss" in m]
+    first, last = (sum(m["reward"] for m in part) / len(part) for part in (steps[:3], steps[-3:]))
+    report = evaluate_adapter(smollm2, "terse")
+    print(f"\ngrpo brevity: sampled reward {first:.3f} (steps 1-3) → {last:.3f} (steps 8-10); answer tokens "
+          f"{steps[0]['completion_tokens']:.0f} → {steps[-1]['completion_tokens']:.0f}; held-out greedy reward "
+          f"{report.before['reward']:.3f} → {report.after['reward']:.3f}")
+    # Measured (2 cores): 0.517 → 0.762 sampled, greedy held-out 0.563 → 0.772.
+    assert last > first + 0.1
+    assert report.after["reward"] > report.before["reward"]
