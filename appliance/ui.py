@@ -278,3 +278,16 @@ class Spinner:
 
 def is_tty() -> bool:
     return sys.stdout.isatty()
+
+
+def methods_table(figures, model: str):
+    """`appliance bench methods`: per method, the held-out figures before → after and the training figures early → late."""
+    from rich.table import Table
+
+    def arrows(before: dict, after: dict) -> str:
+        return "\n".join(f"{k} {before[k]:.3g} → {after[k]:.3g}" for k in after if k in before)
+
+    table = Table("method", "held-out (before → after)", "training (steps 1-3 → last 3)", "time", title=f"methods on {model}")
+    for f in figures:
+        table.add_row(f"{f.method}\n[dim]{f.held_out} examples[/]", arrows(f.before, f.after), arrows(f.first_steps, f.last_steps), duration(f.train_s))
+    return table

@@ -1,5 +1,6 @@
 """The client: finding the running server and its key, and asking it from another terminal."""
 
+import json
 import re
 import sys
 
@@ -46,7 +47,7 @@ def test_serve_then_ask_from_another_terminal_with_the_generated_key(smollm2, mo
     import httpx
 
     from appliance.serve.service import running_record_path
-    from conftest import REPO, run_cli
+    from conftest import REPO, chat, run_cli, write_jsonl
 
     monkeypatch.delenv("APPLIANCE_API_KEY", raising=False)
     monkeypatch.delenv("APPLIANCE_URL", raising=False)
@@ -69,6 +70,15 @@ def test_serve_then_ask_from_another_terminal_with_the_generated_key(smollm2, mo
         answer = run_cli("ask", "What is the capital of France?", "--max-tokens", "8", timeout=300)
         print(answer.stdout, answer.stderr[-1000:])
         assert answer.returncode == 0 and "Paris" in answer.stdout
+        # `appliance data augment` rewords prompts through the same server (found like `ask` finds it).
+        source = write_jsonl(tmp_path / "qa.jsonl", [chat(f"What is {a} plus {b}?", str(a + b)) for a, b in ((2, 3), (4, 5))])
+        augmented = run_cli("data", "augment", str(source), "--paraphrases", "2", "--json", timeout=300)
+        assert augmented.returncode == 0, augmented.stderr[-2000:]
+        report = json.loads(augmented.stdout[augmented.stdout.index("{"):])
+        rows = [json.loads(line) for line in (tmp_path / "qa.paraphrased.jsonl").read_text().splitlines()]
+        print(f"augment: {report}; {[r['messages'][0]['content'] for r in rows]}")
+        assert report["examples"] == 2 and report["paraphrases"] + report["unchanged"] == 4 and len(rows) == 2 + report["paraphrases"]
+        assert all(r["meta"]["paraphrase_of"] in ("qa-1", "qa-2") for r in rows if "meta" in r)
     finally:
         os.kill(serve.pid, signal.SIGTERM)
         serve.wait(timeout=120)

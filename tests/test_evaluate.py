@@ -18,11 +18,12 @@ from appliance.train.loop import run_training
 from conftest import DEMO, REPO
 
 DATA = REPO / "tests" / "data"
+METHODS = REPO / "appliance" / "demo" / "methods"
 RECIPES = {
     "sft": ("sft-qlora", DEMO / "facts.jsonl", {}),
     "cpt": ("cpt", DATA / "domain.txt", {"seq_len": 64}),
-    "dpo": ("dpo", DATA / "prefs.jsonl", {}),
-    "kto": ("kto", DATA / "feedback.jsonl", {}),
+    "dpo": ("dpo", METHODS / "prefs.jsonl", {}),
+    "kto": ("kto", METHODS / "feedback.jsonl", {}),
     "classify": ("classify", DATA / "reviews.jsonl", {}),
 }
 

@@ -1,11 +1,12 @@
 """Transfer-learning methods on the real SmolLM2, each shown to do what it claims:
 continued pre-training lowers held-out domain perplexity, DPO, SimPO and ORPO raise the
-chosen-minus-rejected margin on held-out pairs, KTO the desirable-minus-undesirable one, a classification head beats the majority class."""
+chosen-minus-rejected margin on held-out pairs, KTO the desirable-minus-undesirable one, GRPO a
+verifiable reward, a classification head beats the majority class."""
 
-import json
 
 import pytest
 
+from appliance.bench.methods import run_method
 from appliance.config import load_run_config
 from appliance.evaluate import evaluate_adapter
 from appliance.merge import merge_adapter
@@ -38,34 +39,38 @@ def test_cpt_lowers_perplexity_on_held_out_domain_text(smollm2):
     assert abs(report.forgetting.change_pct) < 25
 
 
-@pytest.mark.parametrize("recipe", ["dpo", "simpo", "orpo"])
-def test_preference_tuning_raises_the_margin_on_held_out_pairs(smollm2, recipe):
-    """The same pairs, three losses: DPO against the adapter-off reference, SimPO and ORPO without one."""
-    result = train(smollm2, recipe, "prefs.jsonl", f"polite-{recipe}", steps=12, batch_size=4, lr=2e-4, data={"val": 4, "test": 8})
-    records = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
-    steps = [m for m in records if "loss" in m]
-    assert steps and all("reward_margin" in m and "reward_accuracy" in m for m in steps)
-    report = evaluate_adapter(smollm2, f"polite-{recipe}")
-    print(f"\n{recipe} on {report.examples} held-out pairs: log-prob margin {report.before['logp_margin']:.1f} → "
-          f"{report.after['logp_margin']:.1f}, accuracy {report.before['preference_accuracy']:.2f} → {report.after['preference_accuracy']:.2f}; "
-          f"train reward margin {steps[0]['reward_margin']:.3f} → {steps[-1]['reward_margin']:.3f}")
+@pytest.mark.parametrize("method", ["dpo", "simpo", "orpo"])
+def test_preference_tuning_raises_the_margin_on_held_out_pairs(smollm2, method):
+    """The same pairs, three losses: DPO against the adapter-off reference, SimPO and ORPO without one
+    (the runs `appliance bench methods` measures)."""
+    f = run_method(smollm2, method)
+    print(f"\n{method} on {f.held_out} held-out pairs: log-prob margin {f.before['logp_margin']:.1f} → {f.after['logp_margin']:.1f}; "
+          f"train reward margin {f.first_steps['reward_margin']:.3f} → {f.last_steps['reward_margin']:.3f}")
     # Measured (2 cores): dpo 19.2 → 66.3, simpo 19.2 → 59.0, orpo 19.2 → 38.8 (its SFT term pulls the chosen answers up too).
-    assert report.after["logp_margin"] > report.before["logp_margin"] + 10
-    assert report.after["preference_accuracy"] == 1.0
-    assert steps[-1]["reward_margin"] > steps[0]["reward_margin"]
+    assert f.after["logp_margin"] > f.before["logp_margin"] + 10
+    assert f.after["preference_accuracy"] == 1.0
+    assert f.last_steps["reward_margin"] > f.first_steps["reward_margin"]
 
 
 def test_kto_raises_desirable_answers_over_undesirable_ones_on_held_out_feedback(smollm2):
     """Unpaired feedback (each prompt with one answer, marked good or bad): the gap in mean log-probability
     per token between desirable and undesirable held-out answers widens."""
-    result = train(smollm2, "kto", "feedback.jsonl", "polite-kto", steps=12, batch_size=8, lr=2e-4, data={"val": 4, "test": 8})
-    steps = [m for m in (json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()) if "loss" in m]
-    assert steps and all({"kl", "reward_accuracy"} <= set(m) for m in steps)
-    report = evaluate_adapter(smollm2, "polite-kto")
-    print(f"\nkto on {report.examples} held-out answers: log-prob gap per token {report.before['logp_margin']:.3f} → "
-          f"{report.after['logp_margin']:.3f}; train reward accuracy {steps[0]['reward_accuracy']:.2f} → {steps[-1]['reward_accuracy']:.2f}")
+    f = run_method(smollm2, "kto")
+    print(f"\nkto on {f.held_out} held-out answers: log-prob gap per token {f.before['logp_margin']:.3f} → {f.after['logp_margin']:.3f}; "
+          f"train reward accuracy {f.first_steps['reward_accuracy']:.2f} → {f.last_steps['reward_accuracy']:.2f}")
     # Measured (2 cores): 3.226 → 5.361 nats per token; reward accuracy 0.50 → 1.00.
-    assert report.after["logp_margin"] > report.before["logp_margin"] + 1.0
+    assert f.after["logp_margin"] > f.before["logp_margin"] + 1.0
+
+
+def test_grpo_raises_a_verifiable_reward(smollm2):
+    """Brevity (at most 8 words scores 1): SmolLM2's sampled answers start long; the reward must rise."""
+    f = run_method(smollm2, "grpo")
+    print(f"\ngrpo brevity: sampled reward {f.first_steps['reward']:.3f} (steps 1-3) → {f.last_steps['reward']:.3f} (last 3); answer tokens "
+          f"{f.first_steps['completion_tokens']:.0f} → {f.last_steps['completion_tokens']:.0f}; held-out greedy reward "
+          f"{f.before['reward']:.3f} → {f.after['reward']:.3f}")
+    # Measured (2 cores): 0.517 → 0.762 sampled, greedy held-out 0.563 → 0.772.
+    assert f.last_steps["reward"] > f.first_steps["reward"] + 0.1
+    assert f.after["reward"] > f.before["reward"]
 
 
 def test_classifier_beats_the_majority_class_and_merges_to_a_standard_folder(smollm2):

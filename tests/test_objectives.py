@@ -12,7 +12,8 @@ from appliance.config import load_run_config
 from appliance.train import TrainingRun
 from conftest import REPO
 
-PREFS = REPO / "tests" / "data" / "prefs.jsonl"
+METHODS = REPO / "appliance" / "demo" / "methods"
+PREFS = METHODS / "prefs.jsonl"
 
 
 def _answer_logprob(model, item) -> tuple[float, int]:
@@ -80,7 +81,7 @@ def test_gamma_belongs_to_simpo(tiny):
 
 def test_kto_is_its_formula_with_the_kl_from_mismatched_pairs(tiny):
     cfg = load_run_config("kto", flags={
-        "model": {"name": "tiny"}, "data": {"files": [{"path": str(REPO / "tests" / "data" / "feedback.jsonl")}], "val": 2},
+        "model": {"name": "tiny"}, "data": {"files": [{"path": str(METHODS / "feedback.jsonl")}], "val": 2},
         "train": {"steps": 1, "batch_size": 4, "device": "cpu"},
     })
     run = TrainingRun(cfg, tiny, "loss-kto")

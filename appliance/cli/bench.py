@@ -205,6 +205,36 @@ def bench_merge(adapter, dtypes, save, as_json) -> None:
         ui.console.print(f"saved: {payload['saved']}")
 
 
+@bench.command("methods")
+@click.option("--model", default="smollm2", show_default=True, help="base model in the store")
+@click.option("--method", "methods", multiple=True, type=click.Choice(["dpo", "simpo", "orpo", "kto", "grpo"]), help="one method (repeat; default: all)")
+@click.option("--save", is_flag=True, help="write the figures under bench/results/")
+@json_option
+def bench_methods(model, methods, save, as_json) -> None:
+    """A short run of each training method on its demo data, then the held-out evaluation, before and after.
+
+    \b
+    What the README's methods table quotes. Example:
+      appliance bench methods --method simpo --method grpo --save
+    """
+    registry().model(model)  # a typo fails here, before torch is imported
+    from appliance import ui
+    from appliance.bench.methods import METHOD_RUNS, run_methods
+    from appliance.hardware import describe
+    from appliance.results import save_result
+
+    figures = run_methods(registry(), list(methods) or list(METHOD_RUNS), model, progress=_progress(as_json))
+    payload = {"model": model, "methods": [f.model_dump() for f in figures]}
+    if save:
+        payload["saved"] = str(save_result("methods", payload, describe()))
+    if as_json:
+        print_json(payload)
+        return
+    ui.console.print(ui.methods_table(figures, model))
+    if payload.get("saved"):
+        ui.console.print(f"saved: {payload['saved']}")
+
+
 @bench.command("export")
 @click.argument("name")
 @click.option("--quant", "quants", multiple=True, help="GGUF types to compare (repeat; default: f16, q8_0, q6_k, q5_k_m, q4_k_m)")

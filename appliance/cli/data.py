@@ -1,18 +1,62 @@
-"""`appliance data check`."""
+"""`appliance data check` and `appliance data augment`."""
 
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import click
 
-from appliance.cli.common import json_option, print_json, registry
+from appliance.cli.client import endpoint_options
+from appliance.cli.common import json_option, overwrite_option, print_json, registry
 from appliance.cli.train import data_options
 
 
 @click.group()
 def data() -> None:
-    """Training data: check formats, lengths, duplicates and leakage."""
+    """Training data: check formats, lengths, duplicates and leakage; augment it with paraphrases."""
+
+
+@data.command("augment")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--paraphrases", type=click.IntRange(1, 20), default=2, show_default=True, help="rewordings written per example")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="where to write (default: FILE's name + .paraphrased.jsonl)")
+@click.option("--temperature", default=0.8, show_default=True, help="sampling temperature of the rewordings")
+@overwrite_option("replace --out if it exists")
+@endpoint_options
+@json_option
+def augment(file, paraphrases, out, temperature, overwrite, model, adapter, url, api_key, as_json) -> None:
+    """Write FILE's examples, each followed by N paraphrases of its prompt, reworded by the served model
+    (`appliance serve` or the service; --model names another served one).
+
+    Each paraphrase is marked with the example it came from (meta.paraphrase_of), so the split keeps
+    them on one side and the leakage check treats them as one. Check the result before training.
+
+    \b
+    Example:
+      appliance data augment questions.jsonl --paraphrases 3 && appliance data check questions.paraphrased.jsonl
+    """
+    from appliance import ui
+    from appliance.client import ask
+    from appliance.data.augment import INSTRUCTION, paraphrase_file
+    from appliance.errors import ApplianceError
+    from appliance.serve import find_endpoint
+
+    out = out or file.with_name(file.name.split(".")[0] + ".paraphrased.jsonl")
+    if out.exists() and not overwrite:
+        raise ApplianceError(f"{out} exists.", "pass --overwrite to replace it, or --out another file")
+    endpoint = find_endpoint(url, api_key)
+
+    def rewrite(text: str) -> str:
+        return ask(endpoint, INSTRUCTION.format(text=text), model=adapter or model, temperature=temperature, max_tokens=256).text
+
+    report = paraphrase_file(file, out, paraphrases, rewrite, progress=lambda text: ui.err_console.print(f"[dim]{text}[/]", end="\r"))
+    if as_json:
+        print_json(report.__dict__)
+        return
+    ui.console.print(f"[green]wrote[/] {report.out}: {report.examples} examples + {report.paraphrases} paraphrases "
+                     f"({report.unchanged} rewordings empty or identical, skipped) in {ui.duration(report.seconds)}")
+    ui.console.print(f"next: [bold]appliance data check {report.out}[/]")
 
 
 @data.command("check")

@@ -100,7 +100,7 @@ def _load(path: Path, task: str, strict: bool, role: str, weight: float | None =
 
 
 def _records(loaded: LoadedFile, source: int) -> list[Record]:
-    return [Record(source, line, ex) for line, ex in loaded.examples]
+    return [Record(source, line, ex, loaded.paraphrase_of.get(line)) for line, ex in loaded.examples]
 
 
 def prepare(
@@ -154,7 +154,7 @@ def prepare(
             sources[index].duplicates = len(removed) + len(cross)
             records = kept
         val_size = 0 if spec.val_file is not None else spec.val
-        tr, va, te = split(records, val_size, spec.test, spec.seed + index)
+        tr, va, te = split(records, val_size, spec.test, spec.seed + index, group=lambda r: r.group)
         sources[index].splits = {"train": len(tr), "val": len(va), "test": len(te)}
         asked = split_count(len(records), val_size) + split_count(len(records), spec.test)
         if tr and (asked >= len(records) or len(va) + len(te) > len(tr)):  # none left: refused below
@@ -169,6 +169,8 @@ def prepare(
     train += replay
 
     report_all.leaks = leakage({"train": train, "val": val, "test": test}, lambda r: r.example.prompt_key)
+    # A paraphrase in one split of an example in another is a leak in other words.
+    report_all.leaks += leakage({"train": train, "val": val, "test": test}, lambda r: r.group and f"paraphrases of {r.group}")
     if task == "cpt":
         # Raw text repeats short boilerplate lines; only long shared passages are leaks.
         report_all.leaks = [leak for leak in report_all.leaks if len(leak.prompt) >= 200]

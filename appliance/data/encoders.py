@@ -37,6 +37,7 @@ class Record:
     source: int  # index into the report's sources
     line: int
     example: Example
+    group: str | None = None  # the example it paraphrases, or its own id when it has paraphrases
 
 
 @dataclass(frozen=True)

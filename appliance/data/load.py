@@ -58,6 +58,9 @@ class LoadedFile:
     examples: list[tuple[int, Example]]  # (line number, example)
     problems: list[Problem] = field(default_factory=list)
     sha256: str = ""
+    # line → the example a line was written from (`appliance data augment`'s meta.paraphrase_of):
+    # an example and its paraphrases are one example to the split and the leakage check.
+    paraphrase_of: dict[int, str] = field(default_factory=dict)
 
     def require_clean(self) -> "LoadedFile":
         if self.problems:
@@ -114,6 +117,15 @@ def load_file(path: Path, task: str | None = None, columns: dict[str, str] | Non
                 f"use a recipe for {loaded.format} data ({_recipes_for(loaded.format)}) or convert the file",
             )
     return loaded
+
+
+def read_objects(path: Path) -> list[tuple[int, Any]]:
+    """A JSONL or JSON file's records as written, with their line numbers: for tools that write a
+    changed copy of the user's data (`appliance data augment`)."""
+    text = _decoded(_open_checked(Path(path)))
+    if text.lstrip()[:1] == "[":
+        return _array_records(Path(path), text)
+    return _jsonl_records(text)[0]
 
 
 def _gunzip(path: Path, raw: bytes) -> bytes:
@@ -250,18 +262,25 @@ def _load_records(path: Path, records: list[tuple[int, Any]], unit: str, columns
         return LoadedFile(path, "unknown", [], sorted(problems, key=lambda p: p.line))
 
     examples: list[tuple[int, Example]] = []
+    paraphrase_of: dict[int, str] = {}
     for number, record in objects:
         problem = _check_keys(record, fmt)
         if problem is None:
             try:
                 examples.append((number, fmt.parse(record)))
+                meta = record.get("meta")
+                if isinstance(meta, dict) and meta.get("paraphrase_of") is not None:
+                    paraphrase_of[number] = str(meta["paraphrase_of"])
+                elif record.get("id") is not None:
+                    paraphrase_of[number] = str(record["id"])  # an original: its paraphrases name its id
                 continue
             except RecordError as err:
                 problem = str(err)
             except RecursionError:
                 problem = "JSON nested too deeply"
         problems.append(Problem(number, problem, unit))
-    return LoadedFile(path, fmt.name, examples, sorted(problems, key=lambda p: p.line))
+    groups = paraphrase_of if any("meta" in r and isinstance(r["meta"], dict) and "paraphrase_of" in r["meta"] for _, r in objects) else {}
+    return LoadedFile(path, fmt.name, examples, sorted(problems, key=lambda p: p.line), paraphrase_of=groups)
 
 
 def _renamed(record: dict[str, Any], columns: dict[str, str]) -> dict[str, Any]:

@@ -31,8 +31,11 @@ def split_count(n: int, size: float) -> int:
     return min(count, n)
 
 
-def split(items: Sequence[T], val: float, test: float, seed: int) -> tuple[list[T], list[T], list[T]]:
-    """Seeded shuffle, then test, validation and train slices; the same seed gives the same split."""
+def split(items: Sequence[T], val: float, test: float, seed: int, group=None) -> tuple[list[T], list[T], list[T]]:
+    """Seeded shuffle, then test, validation and train slices; the same seed gives the same split.
+    `group(item)`: items of the same group (an example and its paraphrases) land in one split."""
+    if group is not None and any(group(x) is not None for x in items):
+        return _split_groups(items, val, test, seed, group)
     order = list(range(len(items)))
     random.Random(seed).shuffle(order)
     n_test = split_count(len(items), test)
@@ -40,6 +43,25 @@ def split(items: Sequence[T], val: float, test: float, seed: int) -> tuple[list[
     if len(items) > 1 and n_test + n_val >= len(items):
         n_val = max(0, len(items) - n_test - 1)
     test_idx, val_idx, train_idx = order[:n_test], order[n_test:n_test + n_val], order[n_test + n_val:]
+    pick = lambda idx: [items[i] for i in sorted(idx)]  # noqa: E731 - keep file order inside each split
+    return pick(train_idx), pick(val_idx), pick(test_idx)
+
+
+def _split_groups(items: Sequence[T], val: float, test: float, seed: int, group) -> tuple[list[T], list[T], list[T]]:
+    """Whole groups to test, then validation, until each holds its share of the items; the rest train."""
+    members: dict[str, list[int]] = {}
+    for i, x in enumerate(items):
+        members.setdefault(group(x) or f"\x00{i}", []).append(i)
+    keys = list(members)
+    random.Random(seed).shuffle(keys)
+    n_test, n_val = split_count(len(items), test), split_count(len(items), val)
+    parts: list[list[int]] = [[], [], []]  # test, val, train
+    for key in keys:
+        target = 0 if len(parts[0]) < n_test else 1 if len(parts[1]) < n_val else 2
+        if target < 2 and not parts[2] and key == keys[-1]:
+            target = 2  # keep something to train on
+        parts[target] += members[key]
+    test_idx, val_idx, train_idx = parts
     pick = lambda idx: [items[i] for i in sorted(idx)]  # noqa: E731 - keep file order inside each split
     return pick(train_idx), pick(val_idx), pick(test_idx)
 
@@ -54,6 +76,6 @@ def leakage(splits: dict[str, Sequence], prompt_key) -> list[Leak]:
     """Prompts that appear in more than one split: validation on them measures memory, not learning."""
     where: dict[str, list[str]] = {}
     for name, items in splits.items():
-        for key in {prompt_key(x) for x in items}:
+        for key in {prompt_key(x) for x in items} - {None, ""}:
             where.setdefault(key, []).append(name)
     return [Leak(k, tuple(v)) for k, v in where.items() if len(v) > 1]
