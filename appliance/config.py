@@ -114,6 +114,11 @@ class LoraSpec(Spec):
     )
     use_dora: bool = Field(False, description="DoRA: a learned magnitude per output row beside LoRA's direction (merged before serving: vLLM has no DoRA)")
     use_rslora: bool = Field(False, description="rsLoRA: scale the update by alpha / sqrt(rank) instead of alpha / rank, so high ranks keep learning")
+    init: Literal["default", "gaussian", "loftq", "pissa", "olora"] = Field(
+        "default",
+        description="how LoRA starts: default (B = 0: the base itself), gaussian, loftq (4-bit: what quantization lost, base unchanged), "
+        "pissa or olora (16-bit bases: the base's principal directions; saved converted to a plain LoRA of twice the rank)",
+    )
 
 
 class DataSource(Spec):
@@ -290,6 +295,14 @@ class RunConfig(Spec):
                 raise ValueError(f"'{section}' settings apply only to the {section} task, and this run's task is {self.task!r}")
             if getattr(self, section) is None and self.task == section:
                 setattr(self, section, {"dpo": DpoSpec, "kto": KtoSpec, "grpo": GrpoSpec, "classify": ClassifySpec}[section]())
+        if self.lora.init in ("pissa", "olora") and self.model.load_in_4bit:
+            raise ValueError(f"lora.init={self.lora.init} rewrites the base's weights, which a 4-bit base cannot hold exactly; "
+                             "use lora.init=loftq for a 4-bit base, or train on the 16-bit base (model.load_in_4bit=false)")
+        if self.lora.init in ("pissa", "olora") and self.task not in ("sft", "cpt"):
+            raise ValueError(f"lora.init={self.lora.init} changes the base the adapter is switched off to, which {self.task} "
+                             "uses as its reference; use it for sft or cpt")
+        if self.lora.init == "loftq" and not self.model.load_in_4bit:
+            raise ValueError("lora.init=loftq corrects what 4-bit quantization lost; a 16-bit base lost nothing (drop it, or load in 4-bit)")
         if self.data.replay is not None and self.task == "classify":
             raise ValueError("data.replay mixes general data into generation tasks; it does not apply to classify")
         return self

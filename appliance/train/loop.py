@@ -27,7 +27,7 @@ from appliance.train import checkpoint as ckpt
 from appliance.train import distributed
 from appliance.train.events import CheckpointSaved, EvalDone, EventSink, Note, PhaseChanged, RunStarted, StepDone, ignore
 from appliance.train.folder import RunFolder
-from appliance.train.model import add_neftune, attach_lora, checkpointing_for, prepare_for_training, trainable_parameters
+from appliance.train.model import add_neftune, attach_lora, initialise_adapter, checkpointing_for, prepare_for_training, trainable_parameters
 from appliance.train.objectives import Objective, objective_for
 from appliance.train.optim import build_optimizer, layer_groups, schedule_factor, unfrozen_groups
 from appliance.train.signals import StopSignals
@@ -69,6 +69,7 @@ class TrainingRun:
         self.run_dir = self.folder.path
         self.checkpoint_root = self.folder.checkpoints
         self.adapter_dir = registry.adapter_dir(adapter_name)
+        self.initial_adapter = self.run_dir / "initial-adapter"  # PiSSA / OLoRA: what the saved adapter is converted against
         self.state = ckpt.TrainState()
         self.history: list[dict[str, Any]] = []
 
@@ -160,6 +161,8 @@ class TrainingRun:
         spec = cfg.model.model_copy(update={"gradient_checkpointing": checkpointing})
         model = prepare_for_training(load_base(self.model_dir, spec, self.device, self.dtype, task=cfg.task, labels=self.data.labels), spec, self.device)
         model = attach_lora(model, cfg.lora, task=cfg.task)
+        if cfg.lora.init != "default":
+            self.emit(Note(initialise_adapter(model, cfg.lora, self.model_dir, self.initial_adapter, write=self.ranks.main)))
         if cfg.train.neftune_noise_alpha:
             add_neftune(model, cfg.train.neftune_noise_alpha)
         return model
@@ -398,7 +401,10 @@ class TrainingRun:
         ensure_free_space(self.adapter_dir.parent, sum(p.numel() * 4 for p in self.adapter_params.values()), "the adapter")
         cfg = self.cfg
         with atomic_dir(self.adapter_dir, overwrite=True) as tmp:
-            self.model.save_pretrained(str(tmp), safe_serialization=True)
+            # PiSSA and OLoRA moved the base's principal part into the adapter: saved against the
+            # initial adapter, peft converts it to a plain LoRA (twice the rank) of the untouched base.
+            converted = {"path_initial_model_for_weight_conversion": str(self.initial_adapter)} if cfg.lora.init in ("pissa", "olora") else {}
+            self.model.save_pretrained(str(tmp), safe_serialization=True, **converted)
             adapter_config = read_json(tmp / "adapter_config.json")
             # vLLM's filesystem resolver offers an adapter only to a server whose --model is this
             # path: the folder vLLM serves this adapter over (serve.command.serving_dir).
@@ -411,7 +417,7 @@ class TrainingRun:
                 base_fingerprint=self.model_manifest.fingerprint,
                 task=cfg.task,
                 recipe=cfg.recipe,
-                rank=cfg.lora.rank,
+                rank=adapter_config["r"],
                 alpha=cfg.lora.alpha,
                 target_modules=sorted({t.rsplit(".", 1)[-1] for t in targets}) if isinstance(targets, list) else [targets],
                 data=data_records(self.data),

@@ -123,6 +123,8 @@ def attach_lora(model: Any, lora: LoraSpec, *, task: str = "sft") -> Any:
         task_type="SEQ_CLS" if task == "classify" else "CAUSAL_LM",
         use_dora=lora.use_dora,
         use_rslora=lora.use_rslora,
+        # LoftQ is computed below (peft's replace_lora_weights_loftq runs on CUDA only).
+        init_lora_weights={"default": True, "loftq": True}.get(lora.init, lora.init),
     )
     try:
         model = get_peft_model(model, config)
@@ -154,3 +156,58 @@ def add_neftune(model: Any, alpha: float) -> None:
         return output + torch.zeros_like(output).uniform_(-scale, scale)
 
     model.get_input_embeddings().register_forward_hook(noisy)
+
+
+def init_loftq(model: Any, model_dir: Path) -> int:
+    """LoftQ (Li et al. 2023), one step: each adapted 4-bit layer's LoRA starts as the best rank-r
+    approximation of what quantization lost (W − dequant(Q(W)), W read from the base's safetensors),
+    split evenly between B and A and divided by LoRA's scaling so that scaling·B·A is that
+    approximation. The 4-bit base is unchanged, so the adapter serves and merges like any other.
+    Returns how many layers it set."""
+    import bitsandbytes as bnb
+    import torch
+    from peft.tuners.lora import LoraLayer
+    from safetensors import safe_open
+
+    shard_of = {}
+    for shard in sorted(Path(model_dir).glob("*.safetensors")):
+        with safe_open(str(shard), framework="pt") as f:
+            shard_of.update(dict.fromkeys(f.keys(), shard))
+    count = 0
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            weight = module.get_base_layer().weight if isinstance(module, LoraLayer) else None
+            if weight is None or getattr(weight, "quant_state", None) is None:
+                continue
+            key = name.removeprefix("base_model.model.") + ".weight"
+            with safe_open(str(shard_of[key]), framework="pt") as f:
+                original = f.get_tensor(key).to(weight.device, torch.float32)
+            lost = original - bnb.functional.dequantize_4bit(weight.data, weight.quant_state).float()
+            u, s, vh = torch.linalg.svd(lost, full_matrices=False)
+            adapter = module.active_adapters[0]
+            rank, scaling = module.r[adapter], module.scaling[adapter]
+            root = (s[:rank] / scaling).sqrt()
+            module.lora_B[adapter].weight.copy_(u[:, :rank] * root)
+            module.lora_A[adapter].weight.copy_(root[:, None] * vh[:rank])
+            count += 1
+    return count
+
+
+def save_initial_adapter(model: Any, folder: Path) -> None:
+    """PiSSA / OLoRA: the adapter as initialised, marked as a plain init (peft's recipe), for the conversion at save."""
+    config = model.peft_config["default"]
+    init, config.init_lora_weights = config.init_lora_weights, True
+    try:
+        model.save_pretrained(str(folder), safe_serialization=True)
+    finally:
+        config.init_lora_weights = init
+
+
+def initialise_adapter(model: Any, lora: LoraSpec, model_dir: Path, initial_adapter: Path, write: bool) -> str:
+    """The start lora.init asks for beyond peft's own: LoftQ computed; PiSSA / OLoRA's start kept
+    (`write`: this process keeps it) for the conversion at save. Returns what was done, for the log."""
+    if lora.init == "loftq":
+        return f"LoftQ: {init_loftq(model, model_dir)} adapters start as what 4-bit quantization lost"
+    if lora.init in ("pissa", "olora") and write and not (initial_adapter / "adapter_config.json").is_file():
+        save_initial_adapter(model, initial_adapter)
+    return f"LoRA initialised by {lora.init}"
