@@ -291,3 +291,40 @@ def methods_table(figures, model: str):
     for f in figures:
         table.add_row(f"{f.method}\n[dim]{f.held_out} examples[/]", arrows(f.before, f.after), arrows(f.first_steps, f.last_steps), duration(f.train_s))
     return table
+
+
+def endpoint_help(spec, api_key_env: str | None = None) -> str:
+    names = spec.served_names
+    key = f'\n  -H "Authorization: Bearer ${api_key_env}" \\' if api_key_env else ""
+    curl = (
+        f"curl {spec.url}/v1/chat/completions \\{key}\n"
+        f"  -H 'Content-Type: application/json' \\\n"
+        f"  -d '{{\"model\": \"{names[-1]}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hello!\"}}]}}'"
+    )
+    key_expr = f"os.environ[{api_key_env!r}]" if api_key_env else '"none"'
+    sdk = (
+        "from openai import OpenAI\n"
+        f"client = OpenAI(base_url=\"{spec.url}/v1\", api_key={key_expr})\n"
+        f"reply = client.chat.completions.create(model=\"{names[-1]}\", messages=[{{\"role\": \"user\", \"content\": \"Hello!\"}}])\n"
+        "print(reply.choices[0].message.content)"
+    )
+    return f"[bold]curl[/]\n{curl}\n\n[bold]openai SDK[/]\n{sdk}"
+
+
+def server_ready(spec, server, log, key) -> None:
+    """`appliance serve`, once vLLM answers: where it is, what it serves, how to call it, and its key."""
+    from rich.panel import Panel
+
+    console.print(Panel(
+        f"[green]ready[/] in {server.healthy_s:.0f} s at [bold]{spec.url}/v1[/]\n"
+        f"served models: {', '.join(spec.served_names)}\npid {server.pid} · log {log}",
+        title="appliance serve", border_style="green", expand=False,
+    ))
+    console.print(endpoint_help(spec, "APPLIANCE_API_KEY" if key.key else None), soft_wrap=True, highlight=False)
+    if key.source == "generated":
+        console.print(f"API key (new, for this run): export APPLIANCE_API_KEY={key.key}", soft_wrap=True, highlight=False)
+    elif key.source == "service":
+        console.print("API key: the installed service's (`appliance service key` prints it)")
+    elif key.warning:
+        warn(key.warning)
+    console.print("[dim]appliance ask / chat / adapters find this server and its key while it runs. Ctrl-C stops it.[/]")

@@ -72,24 +72,6 @@ def spec_from_options(
     )
 
 
-def endpoint_help(spec, api_key_env: str | None = None) -> str:
-    names = spec.served_names
-    key = f'\n  -H "Authorization: Bearer ${api_key_env}" \\' if api_key_env else ""
-    curl = (
-        f"curl {spec.url}/v1/chat/completions \\{key}\n"
-        f"  -H 'Content-Type: application/json' \\\n"
-        f"  -d '{{\"model\": \"{names[-1]}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hello!\"}}]}}'"
-    )
-    key_expr = f"os.environ[{api_key_env!r}]" if api_key_env else '"none"'
-    sdk = (
-        "from openai import OpenAI\n"
-        f"client = OpenAI(base_url=\"{spec.url}/v1\", api_key={key_expr})\n"
-        f"reply = client.chat.completions.create(model=\"{names[-1]}\", messages=[{{\"role\": \"user\", \"content\": \"Hello!\"}}])\n"
-        "print(reply.choices[0].message.content)"
-    )
-    return f"[bold]curl[/]\n{curl}\n\n[bold]openai SDK[/]\n{sdk}"
-
-
 @click.command()
 @click.argument("model")
 @serve_options
@@ -111,41 +93,17 @@ def serve(model, api_key, no_api_key, **options) -> None:
       appliance serve smollm2-facts
       appliance serve smollm2 --adapter facts --adapter recipes --port 8001
     """
-    from rich.panel import Panel
-
     from appliance import ui
-    from appliance.serve import server_key
-    from appliance.serve import shell_line, vllm_command
-    from appliance.serve import log_tail, serve_foreground
-    from appliance.serve import installed_endpoint
+    from appliance.serve import installed_endpoint, log_tail, serve_foreground, server_key, shell_line, vllm_command
 
     spec = spec_from_options(model, **options)
     key = server_key(spec.host, lora=spec.lora_enabled, given=api_key, opt_out=no_api_key, service_key=installed_endpoint()[1])
     log = registry().store.root / "logs" / f"serve-{spec.port}.log"
     ui.console.print(f"[dim]{shell_line(vllm_command(spec))}[/]", highlight=False)
 
-    def ready(server) -> None:
-        ui.console.print(
-            Panel(
-                f"[green]ready[/] in {server.healthy_s:.0f} s at [bold]{spec.url}/v1[/]\n"
-                f"served models: {', '.join(spec.served_names)}\npid {server.pid} · log {log}",
-                title="appliance serve",
-                border_style="green",
-                expand=False,
-            )
-        )
-        ui.console.print(endpoint_help(spec, "APPLIANCE_API_KEY" if key.key else None), soft_wrap=True, highlight=False)
-        if key.source == "generated":
-            ui.console.print(f"API key (new, for this run): export APPLIANCE_API_KEY={key.key}", soft_wrap=True, highlight=False)
-        elif key.source == "service":
-            ui.console.print("API key: the installed service's (`appliance service key` prints it)")
-        elif key.warning:
-            ui.warn(key.warning)
-        ui.console.print("[dim]appliance ask / chat / adapters find this server and its key while it runs. Ctrl-C stops it.[/]")
-
     with ui.Spinner(f"starting vLLM ({'GPU' if spec.on_gpu else 'CPU'}) for {', '.join(spec.served_names)}") as spinner:
         code = serve_foreground(
-            spec, log, registry().store, api_key=key.key, on_ready=lambda server: (spinner.stop(), ready(server)),
+            spec, log, registry().store, api_key=key.key, on_ready=lambda server: (spinner.stop(), ui.server_ready(spec, server, log, key)),
             tick=lambda s: spinner.update(f"starting vLLM … {s:.0f} s (log: {log})"),
         )
     if code is None:
