@@ -328,3 +328,48 @@ def server_ready(spec, server, log, key) -> None:
     elif key.warning:
         warn(key.warning)
     console.print("[dim]appliance ask / chat / adapters find this server and its key while it runs. Ctrl-C stops it.[/]")
+
+
+def shorten(text: str, limit: int = 140) -> str:
+    return text if len(text) <= limit else text[: limit - 1].rstrip() + "…"
+
+
+def quickstart_report(result) -> None:
+    """`appliance quickstart`: before / after per question, timings, the training and merge figures, the score."""
+    from rich.table import Table
+
+    from appliance.quickstart import MERGED, score
+
+    table = Table("", "question (never trained on)", "base (before)", f"{MERGED} via vLLM (after)", "", title="before / after", show_lines=True)
+    for q, before, after in zip(result.questions, result.before, result.after):
+        table.add_row(q.group, q.question, shorten(before), shorten(after), "[green]✓[/]" if q.right(after) else "[red]✗[/]")
+    console.print(table)
+    timings = Table("step", "seconds", title="timings")
+    for name, seconds in result.timings.items():
+        timings.add_row(name, f"{seconds:.0f}")
+    timings.add_row("[bold]total[/]", f"[bold]{sum(result.timings.values()):.0f}[/]")
+    console.print(timings)
+    p = result.parity
+    console.print(
+        f"train loss {result.train_metrics.get('train_loss', float('nan')):.3f} · "
+        f"val loss {result.train_metrics.get('val_loss', float('nan')):.3f} · "
+        f"merged model vs the evaluated 4-bit model: top-1 {p.evaluated.top1_agreement:.0%} at clear positions, "
+        f"mean KL {p.evaluated.mean_kl:.1e} · finish reasons: {', '.join(sorted(set(map(str, result.finish_reasons))))}",
+        highlight=False,
+    )
+    before, after = score(result.questions, result.before), score(result.questions, result.after)
+    for group, title in (("fact", "taught facts (asked as new paraphrases)"), ("control", "general-knowledge controls")):
+        (right, asked), (base_right, _) = after[group], before[group]
+        console.print(f"[bold]{right}/{asked}[/] {title} right after fine-tuning (base: {base_right}/{asked})")
+
+
+def quickstart_next_steps() -> None:
+    from appliance.quickstart import ADAPTER, MERGED
+
+    console.print(
+        "\nTry it yourself:\n"
+        f"  appliance serve {MERGED}                      # the merged model\n"
+        f"  appliance serve smollm2 --adapter {ADAPTER}   # or the base with the adapter\n"
+        '  appliance ask "Which city is the capital of Zorvania?"\n'
+        "  appliance chat"
+    )
