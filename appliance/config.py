@@ -58,8 +58,11 @@ Task = Literal["sft", "cpt", "dpo", "kto", "grpo", "classify"]
 GENERATION_TASKS = ("sft", "cpt", "dpo", "kto", "grpo")  # adapters of a causal LM: served by vLLM, exported to GGUF
 
 
-def sequences_per_example(task: str) -> int:
-    """A DPO example is a chosen and a rejected answer; a KTO example its answer and a mismatched one (the KL estimate)."""
+def sequences_per_example(task: str, group_size: int | None = None) -> int:
+    """A DPO example is a chosen and a rejected answer; a KTO example its answer and a mismatched one (the KL
+    estimate); a GRPO prompt its group of sampled answers."""
+    if task == "grpo":
+        return group_size or GrpoSpec.model_fields["group_size"].default
     return 2 if task in ("dpo", "kto") else 1
 
 

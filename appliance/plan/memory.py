@@ -58,8 +58,9 @@ def _stream_bytes(settings: TrainSettings, loop: Loop) -> int:
 
 
 def _rows(settings: TrainSettings) -> int:
-    """Sequences per micro-batch: a DPO example is a chosen and a rejected answer, a KTO one its answer and a mismatched one."""
-    return settings.batch_size * sequences_per_example(settings.task)
+    """Sequences per micro-batch: a DPO example is a chosen and a rejected answer, a KTO one its answer and a mismatched one,
+    a GRPO prompt its sampled answers."""
+    return settings.batch_size * sequences_per_example(settings.task, settings.group_size)
 
 
 def lora_parameters(shape: ModelShape, settings: TrainSettings) -> int:

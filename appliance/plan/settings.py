@@ -38,6 +38,7 @@ class TrainSettings(BaseModel):
     lora_shared_inputs: bool = Field(_default(LoraSpec, "shared_inputs"), description="LoRA keeps the base layer's input, not an fp32 copy")
     mlp_tile_tokens: int | None = Field(None, description="compute each MLP over this many tokens at a time")
     optimizer: Optimizer = Field("paged_adamw_8bit", description="what train.optimizer 'auto' picks on CUDA")
+    group_size: int | None = Field(None, ge=2, description="grpo: answers sampled per prompt (each a sequence in the step)")
     data_parallel: int = Field(1, ge=1, description="torchrun ranks, a GPU each; each holds the whole 4-bit base (DDP), batch_size is per rank")
     packed: bool | None = Field(
         None,
@@ -79,6 +80,8 @@ def settings_from_config(cfg: RunConfig, device: str = "cuda") -> TrainSettings:
         values["gradient_checkpointing"] = device == "cuda"
     if values["optimizer"] == "auto":
         values["optimizer"] = "paged_adamw_8bit" if device == "cuda" else "adamw"
+    if cfg.grpo is not None:
+        values["group_size"] = cfg.grpo.group_size
     if cfg.lora.dropout > 0:  # dropout's mask would have to be kept: peft's own forward runs (appliance.train.lora)
         values["lora_shared_inputs"] = False
     return TrainSettings(**values)

@@ -149,7 +149,7 @@ class TrainingRun:
 
     def _build_model(self):
         cfg = self.cfg
-        rows = cfg.train.batch_size * sequences_per_example(cfg.task)
+        rows = cfg.train.batch_size * sequences_per_example(cfg.task, cfg.grpo and cfg.grpo.group_size)
         checkpointing, why = checkpointing_for(cfg.model, cfg.lora, self.device, self.dtype, self.model_dir, rows * cfg.data.seq_len)
         self.emit(Note(f"gradient checkpointing {'on' if checkpointing else 'off'} ({why})"))
         self.gradient_checkpointing = checkpointing
