@@ -26,30 +26,9 @@ the model's, and a greedy answer to every validation prompt must stop at an end-
 """
 
 from appliance.export.build import ExportResult, export
-from appliance.export.ollama import (
-    FAMILIES,
-    default_system_prompt,
-    modelfile,
-    template_family,
-)
-from appliance.export.sources import (
-    Source,
-    export_dir,
-    exports_dir,
-    list_exports,
-    read_export,
-    resolve_source,
-)
-from appliance.export.spec import (
-    DEFAULT_QUANT,
-    LLAMA_CPP_VERSION,
-    QUANTS,
-    ExportMismatch,
-    ExportSpec,
-    Gate,
-    Quant,
-    quant_of,
-)
+from appliance.export.ollama import FAMILIES, default_system_prompt, modelfile, template_family
+from appliance.export.sources import Source, export_dir, exports_dir, list_exports, read_export, resolve_source
+from appliance.export.spec import DEFAULT_QUANT, LLAMA_CPP_VERSION, QUANTS, ExportMismatch, ExportSpec, Gate, Quant, quant_of
 from appliance.store import MANIFEST
 
 __all__ = [

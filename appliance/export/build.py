@@ -10,56 +10,12 @@ from pathlib import Path
 
 from appliance.errors import ApplianceError
 from appliance.export.check import adapter_of_merged, judge, probes_for
-from appliance.export.convert import (
-    convert_lora,
-    convert_model,
-    converter_dir,
-    quantize,
-    require_llama_cpp,
-    set_end_of_turn,
-)
-from appliance.export.ollama import (
-    default_system_prompt,
-    modelfile,
-    ollama_command,
-    run_ollama,
-    stop_tokens,
-    template_family,
-)
-from appliance.export.sources import (
-    check_out_dir,
-    default_export_name,
-    export_dir,
-    ollama_name,
-    read_export,
-    resolve_source,
-)
-from appliance.export.spec import (
-    LOG,
-    LORA_TYPE,
-    MODELFILE,
-    ExportMismatch,
-    ExportSpec,
-    Progress,
-    Quant,
-    quant_of,
-)
-from appliance.registry import (
-    AdapterManifest,
-    ExportManifest,
-    ModelManifest,
-    Registry,
-)
-from appliance.store import (
-    MANIFEST,
-    TMP_PREFIX,
-    atomic_dir,
-    atomic_write,
-    check_name,
-    disk_full_error,
-    ensure_free_space,
-    is_disk_full,
-)
+from appliance.export.convert import convert_lora, convert_model, converter_dir, quantize, require_llama_cpp, set_end_of_turn
+from appliance.export.ollama import default_system_prompt, modelfile, ollama_command, run_ollama, stop_tokens, template_family
+from appliance.export.sources import check_out_dir, default_export_name, export_dir, ollama_name, read_export, resolve_source
+from appliance.export.spec import LOG, LORA_TYPE, MODELFILE, ExportMismatch, ExportSpec, Progress, Quant, quant_of
+from appliance.registry import AdapterManifest, ExportManifest, ModelManifest, Registry
+from appliance.store import MANIFEST, TMP_PREFIX, atomic_dir, atomic_write, check_name, disk_full_error, ensure_free_space, is_disk_full
 
 
 def _bytes_needed(parameters: int, quant: Quant) -> int:

@@ -9,13 +9,7 @@ from typing import Any, Callable, Literal
 from appliance.errors import ApplianceError
 from appliance.export.convert import threads
 from appliance.export.spec import MAX_NEW_TOKENS, ExportMismatch, Progress, Quant
-from appliance.registry import (
-    AdapterManifest,
-    ExportParity,
-    GreedyCheck,
-    ModelManifest,
-    Registry,
-)
+from appliance.registry import AdapterManifest, ExportParity, GreedyCheck, ModelManifest, Registry
 
 
 @dataclass

@@ -12,16 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from appliance.errors import ApplianceError
-from appliance.export.spec import (
-    LLAMA_CPP_VERSION,
-    LORA_TYPE,
-    TOOLS_ENV,
-    Progress,
-    Quant,
-)
-from appliance.store import (
-    DISK_FULL_TEXT,
-)
+from appliance.export.spec import LLAMA_CPP_VERSION, LORA_TYPE, TOOLS_ENV, Progress, Quant
+from appliance.store import DISK_FULL_TEXT
 
 
 def converter_dir() -> Path:

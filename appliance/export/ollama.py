@@ -10,9 +10,7 @@ from typing import Any
 
 from appliance.errors import ApplianceError
 from appliance.export.spec import MODELFILE
-from appliance.registry import (
-    ModelManifest,
-)
+from appliance.registry import ModelManifest
 
 
 @dataclass(frozen=True)

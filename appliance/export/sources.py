@@ -11,18 +11,8 @@ from typing import Literal
 
 from appliance.errors import ApplianceError
 from appliance.export.spec import EXPORTS, LLAMA_ARCHITECTURES, Quant
-from appliance.registry import (
-    AdapterManifest,
-    ExportManifest,
-    ModelManifest,
-    Registry,
-)
-from appliance.store import (
-    MANIFEST,
-    TMP_PREFIX,
-    check_name,
-    read_json,
-)
+from appliance.registry import AdapterManifest, ExportManifest, ModelManifest, Registry
+from appliance.store import MANIFEST, TMP_PREFIX, check_name, read_json
 
 
 def exports_dir(registry: Registry) -> Path:

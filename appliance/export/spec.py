@@ -10,9 +10,7 @@ from typing import Callable, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from appliance.errors import ApplianceError
-from appliance.registry import (
-    ExportParity,
-)
+from appliance.registry import ExportParity
 
 LLAMA_CPP_VERSION = "0.3.36"  # scripts/install.sh installs this one; its converters are the ones we run
 
