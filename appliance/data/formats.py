@@ -13,7 +13,7 @@ prompt/completion pairs.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 ROLES = ("system", "user", "assistant", "tool")
 # Other names of those roles: OpenAI's newer system role, and ShareGPT's and LLaMA-Factory's names.
@@ -53,6 +53,11 @@ class Message:
         return out
 
 
+def conversation_key(messages: Sequence["Message"]) -> str:
+    """Turns as one comparable string (roles kept, surrounding space dropped): what the leakage check compares."""
+    return "\x1e".join(f"{m.role}\x1f{m.content.strip()}" for m in messages)
+
+
 @dataclass(frozen=True)
 class ChatExample:
     messages: tuple[Message, ...]
@@ -62,7 +67,7 @@ class ChatExample:
     def prompt_key(self) -> str:
         """Everything before the last assistant turn: what leaks if seen in two splits."""
         last = max(i for i, m in enumerate(self.messages) if m.role == "assistant")
-        return "\x1e".join(f"{m.role}\x1f{m.content.strip()}" for m in self.messages[:last])
+        return conversation_key(self.messages[:last])
 
     @property
     def key(self) -> str:
@@ -88,7 +93,7 @@ class PreferenceExample:
 
     @property
     def prompt_key(self) -> str:
-        return "\x1e".join(f"{m.role}\x1f{m.content.strip()}" for m in self.prompt)
+        return conversation_key(self.prompt)
 
     @property
     def key(self) -> str:
@@ -105,7 +110,7 @@ class UnpairedExample:
 
     @property
     def prompt_key(self) -> str:
-        return "\x1e".join(f"{m.role}\x1f{m.content.strip()}" for m in self.prompt)
+        return conversation_key(self.prompt)
 
     @property
     def key(self) -> str:
@@ -121,7 +126,7 @@ class PromptExample:
 
     @property
     def prompt_key(self) -> str:
-        return "\x1e".join(f"{m.role}\x1f{m.content.strip()}" for m in self.prompt)
+        return conversation_key(self.prompt)
 
     key = prompt_key
 
