@@ -172,13 +172,13 @@ def train(name, recipe, config_file, sets, gpu, fit, resume, overwrite, as_json,
         from appliance.track import check_installed
 
         check_installed(cfg.train.report_to)
-    from appliance.train import Launch, launch
+    from appliance.train import Launch, launch_ranks
 
     ranks = Launch(nproc_per_node, nnodes, node_rank, master_addr, master_port)
     # A rank runs this command without the launch flags; WORLD_SIZE tells it how many there are.
     cfg = fit_to_gpu(cfg, gpu, fit, data_parallel=int(os.environ.get("WORLD_SIZE", nproc_per_node * nnodes)))
     if ranks.needed:  # this process starts the ranks; each runs this command as one of them
-        launch(ranks, sys.argv[1:], registry().store.root / "logs" / f"train-{name}")
+        launch_ranks(ranks, sys.argv[1:], registry().store.root / "logs" / f"train-{name}")
         return
     with ui.json_output() if as_json else contextlib.nullcontext():
         from appliance.train import run_training

@@ -6,7 +6,7 @@ first use, so importing this package (the CLI does, for --help) does not import 
 
 _PUBLIC = {
     "run_training": "loop", "TrainingRun": "loop", "TrainResult": "loop",
-    "Launch": "launch", "launch": "launch",
+    "Launch": "launch", "launch_ranks": "launch",
     "Event": "events", "EventSink": "events", "RunStarted": "events", "PhaseChanged": "events", "StepDone": "events",
     "EvalDone": "events", "CheckpointSaved": "events", "Note": "events",
 }
@@ -16,5 +16,6 @@ def __getattr__(name: str):
     if name in _PUBLIC:
         import importlib
 
-        return getattr(importlib.import_module(f"appliance.train.{_PUBLIC[name]}"), name)
+        # launch_ranks: the module `launch` shadows a function of that name on the package.
+        return getattr(importlib.import_module(f"appliance.train.{_PUBLIC[name]}"), {"launch_ranks": "launch"}.get(name, name))
     raise AttributeError(f"module 'appliance.train' has no attribute {name!r}")
