@@ -78,7 +78,8 @@ def run_method(registry: Registry, method: str, model: str = "smollm2", progress
     cfg = load_run_config(run.recipe, flags={
         "model": {"name": model},
         "data": {"files": [{"path": str(data / run.data)}], "val": 4, "test": 8},
-        "train": {"steps": run.steps, "batch_size": run.batch_size, "lr": run.lr, "save_every": 100, "eval_every": 100},
+        # One micro-batch a step for every method (the grpo recipe accumulates 4), as the figures were measured.
+        "train": {"steps": run.steps, "batch_size": run.batch_size, "grad_accum": 1, "lr": run.lr, "save_every": 100, "eval_every": 100},
         **settings,
     })
     name = f"bench-method-{method}"
@@ -91,7 +92,7 @@ def run_method(registry: Registry, method: str, model: str = "smollm2", progress
     figures = MethodFigures(
         method=method,
         command=f"appliance train --model {model} --data {run.data} --recipe {run.recipe} --steps {run.steps} "
-                f"--batch-size {run.batch_size} --lr {run.lr:g} --val 4 --test 8 {run.flags}".strip(),
+                f"--batch-size {run.batch_size} --grad-accum 1 --lr {run.lr:g} --val 4 --test 8 {run.flags}".strip(),
         steps=len(steps), train_s=round(result.elapsed_s, 1), held_out=report.examples,
         before={k: v for k, v in report.before.items() if isinstance(v, (int, float))},
         after={k: v for k, v in report.after.items() if isinstance(v, (int, float))},
