@@ -21,7 +21,7 @@ import torch
 from appliance.config import GrpoSpec
 from appliance.data import IGNORE_INDEX, Batch, collate_lm
 from appliance.data.template import TokenizedExample
-from appliance.metrics.lm import label_logprobs
+from appliance.metrics.lm import label_logprobs, sequence_token_counts
 from appliance.rewards import load_rewards, mean_reward, sample, score
 from appliance.train.objectives import Objective
 
@@ -44,9 +44,6 @@ class GroupRelativeObjective(Objective):
         self._prompts.update(zip(keys, items))
         # The unit of the loss is the sampled answer.
         return Batch({"prompt_keys": torch.tensor(keys)}, sum(len(x.input_ids) for x in items), len(items) * self.spec.group_size)
-
-    def units(self, batch: Batch) -> int:
-        return batch.trained_tokens
 
     def _prompts_of(self, tensors: dict[str, torch.Tensor]) -> list[Any]:
         return [self._prompts[k] for k in tensors["prompt_keys"].tolist()]
@@ -78,7 +75,7 @@ class GroupRelativeObjective(Objective):
             per_token = per_token + self.spec.beta * kl
             figures["kl"] = float(kl.detach().mean())
         n = len(sampled)
-        counts = torch.zeros(n, device=logp.device).index_add(0, segment, torch.ones_like(logp))
+        counts = sequence_token_counts(batch, n)
         loss = (torch.zeros(n, device=logp.device).index_add(0, segment, per_token) / counts.clamp_min(1)).sum()
         figures.update({
             "reward": float(rewards.mean()),

@@ -68,8 +68,7 @@ class TrainingRun:
         self.folder = RunFolder(registry.run_dir(adapter_name))
         self.run_dir = self.folder.path
         self.checkpoint_root = self.folder.checkpoints
-        self.adapter_dir = registry.adapter_dir(adapter_name)
-        self.initial_adapter = self.run_dir / "initial-adapter"  # PiSSA / OLoRA: what the saved adapter is converted against
+        self.adapter_dir, self.initial_adapter = registry.adapter_dir(adapter_name), self.run_dir / "initial-adapter"  # PiSSA / OLoRA: converted against it at save
         self.state = ckpt.TrainState()
         self.history: list[dict[str, Any]] = []
 
