@@ -2,6 +2,8 @@
 # Both create .venv and install what they need on first use.
 VENV ?= .venv
 PYTEST_ARGS ?=
+# Two test workers (pytest-xdist): tests sharing an expensive fixture stay on one (tests/conftest.py).
+TEST_WORKERS ?= 2
 
 .PHONY: demo test install clean
 
@@ -14,7 +16,7 @@ demo: $(VENV)/.installed
 	$(VENV)/bin/appliance quickstart
 
 test: $(VENV)/.installed
-	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+	$(VENV)/bin/python -m pytest -n $(TEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -110,6 +110,33 @@ def stream_chat(
         raise _translate(err, endpoint, model) from None
 
 
+class Conversation:
+    """The messages of one chat so far, and the slash commands that change them (/exit, /reset, /system TEXT)."""
+
+    def __init__(self, system: str | None = None):
+        self.messages: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
+
+    def take(self, text: str) -> str:
+        """What `text` asks for: "exit", "reset" and "system" are done here; "send" adds it as the user's
+        turn, to be answered; "skip" is a blank line."""
+        command = text.strip()
+        if command in ("/exit", "/quit"):
+            return "exit"
+        if command == "/reset":
+            self.messages = [m for m in self.messages if m["role"] == "system"]
+            return "reset"
+        if text.startswith("/system "):
+            self.messages = [{"role": "system", "content": text[8:]}] + [m for m in self.messages if m["role"] != "system"]
+            return "system"
+        if not command:
+            return "skip"
+        self.messages.append({"role": "user", "content": text})
+        return "send"
+
+    def answered(self, reply: str) -> None:
+        self.messages.append({"role": "assistant", "content": reply})
+
+
 # -- the serving benchmark ----------------------------------------------------------------
 
 # Varied lengths of question, as a chat user asks them.

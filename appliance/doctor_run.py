@@ -65,6 +65,38 @@ def _planned_gib(model_dir: Path, gpu_name: str | None, cfg) -> float | None:
     return estimate(find_model(str(model_dir / "config.json")), gpu, settings_from_config(cfg, "cuda")).allocated_gib
 
 
+def _settings(cfg, device: str) -> dict:
+    from appliance.plan import settings_from_config
+
+    return settings_from_config(cfg, device).model_dump(mode="json")
+
+
+def measurements(figures: dict[str, Any], env: dict[str, Any]) -> list[dict[str, Any]]:
+    """A GPU run's 5 QLoRA steps as a planner measurement of the `doctor-tiny` shape (bench/results/README.md):
+    `appliance doctor --save` on a GPU owner's card is checked by tests/test_plan.py like any benchmark. None on a
+    CPU (the planner models GPU memory), or for a GPU without a profile (measurements name their GPU's profile)."""
+    from appliance.plan import find_gpu
+
+    qlora = figures.get("qlora")
+    if not env["gpu"] or not qlora or qlora["device"] != "cuda":
+        return []
+    try:
+        gpu = find_gpu(env["gpu"]).name
+    except ApplianceError:
+        return []
+    return [{
+        "date": env["date"][:10],
+        "machine": f"{env['machine']['cpu']}, {env['gpu']}",
+        "gpu": gpu,
+        "versions": env["versions"],
+        "model": "doctor-tiny",
+        "loop": "appliance",
+        "settings": qlora["settings"],
+        "peak_gib": qlora["peak_gib"],
+        "notes": f"appliance doctor: {qlora['steps']} QLoRA steps on the doctor's random 2-layer LLaMA, demo data",
+    }]
+
+
 def run_path(python: str, progress: Callable[[str], None] = lambda _: None, with_vllm: bool = True) -> PathRun:
     """Import, train, merge and serve the tiny model in a temporary store; a finding per step."""
     from appliance.bench.train import demo_data
@@ -106,7 +138,8 @@ def run_path(python: str, progress: Callable[[str], None] = lambda _: None, with
             if planned is not None:
                 out.detail += f" (planned {planned:.2f} GiB, {(peak - planned) / planned:+.0%})"
             run.figures["qlora"] = {"steps": STEPS, "loss": result.metrics["train_loss"], "peak_gib": round(peak, 3),
-                                    "planned_gib": None if planned is None else round(planned, 3), "device": hw.device}
+                                    "planned_gib": None if planned is None else round(planned, 3), "device": hw.device,
+                                    "settings": _settings(cfg, hw.device)}
         if not run.ok:
             return run
 

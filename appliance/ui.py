@@ -276,6 +276,51 @@ class Spinner:
         self.stop()
 
 
+def prompt(label: str) -> str | None:
+    """A line the user types; None when they end the input (Ctrl-D) or interrupt (Ctrl-C)."""
+    from rich.prompt import Prompt
+
+    try:
+        return Prompt.ask(label, console=console)
+    except (EOFError, KeyboardInterrupt):
+        console.print()
+        return None
+
+
+def stream_markdown(deltas: Iterable[str]) -> str:
+    """Show text as it arrives, rendered as Markdown; returns the whole text."""
+    from rich.markdown import Markdown
+
+    text = ""
+    with Live(Markdown(""), console=console, refresh_per_second=12) as live:
+        for delta in deltas:
+            text += delta
+            live.update(Markdown(text))
+    return text
+
+
+def training_done(result, model: str) -> None:
+    """Where the adapter went, its final figures, and the two next steps."""
+    figures = "  ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in result.metrics.items())
+    console.print(f"[green]adapter saved[/] {result.adapter} → {result.adapter_dir}\n  {figures}  ({duration(result.elapsed_s)})")
+    console.print(f"next: [bold]appliance merge {result.adapter}[/]  or  [bold]appliance serve {model} --adapter {result.adapter}[/]")
+
+
+def service_table(info: dict, url: str, served: list[str]) -> Table:
+    """`appliance service status`: the unit's systemd state beside what its endpoint serves."""
+    state, memory = info["systemd"], info["systemd"].get("MemoryCurrent", "")
+    return key_value_table({
+        "unit": f"{info['record']['unit_name']} ({info['record']['scope']})",
+        "state": f"{state.get('ActiveState')} / {state.get('SubState')}",
+        "pid": state.get("MainPID"),
+        "since": state.get("ActiveEnterTimestamp") or "-",
+        "restarts": state.get("NRestarts", "0"),
+        "memory": f"{int(memory) / 2**30:.2f} GiB" if memory.isdigit() else "-",
+        "endpoint": f"{url}/v1",
+        "served": ", ".join(served) or "(not answering)",
+    }, title="appliance service")
+
+
 def is_tty() -> bool:
     return sys.stdout.isatty()
 

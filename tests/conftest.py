@@ -8,6 +8,7 @@ GGUF once per machine (cached by pytest) for the end-to-end tests.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import subprocess
@@ -19,6 +20,10 @@ import pytest
 os.environ.setdefault("TQDM_DISABLE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
+    # `make test` runs two workers (pytest -n 2): torch's threads share the cores instead of each worker
+    # spinning on all of them (before torch is imported; the CLI, torchrun and vLLM processes inherit it).
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO = REPO / "appliance" / "demo"
@@ -55,12 +60,14 @@ def smollm2_store(request) -> Path:
     cache = Path(request.config.cache.mkdir("appliance-smollm2"))
     stamp = cache / "source.sha256"
     digest = sha256_file(embedded_gguf())
-    if not (stamp.is_file() and stamp.read_text() == digest and (cache / "store/models/smollm2/manifest.json").is_file()):
-        shutil.rmtree(cache / "store", ignore_errors=True)
-        from appliance.models import import_model
+    with open(cache / "lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # test workers (pytest -n) convert it once between them
+        if not (stamp.is_file() and stamp.read_text() == digest and (cache / "store/models/smollm2/manifest.json").is_file()):
+            shutil.rmtree(cache / "store", ignore_errors=True)
+            from appliance.models import import_model
 
-        import_model("smollm2", Registry(Store(cache / "store")))
-        stamp.write_text(digest)
+            import_model("smollm2", Registry(Store(cache / "store")))
+            stamp.write_text(digest)
     return cache / "store"
 
 
@@ -239,3 +246,29 @@ def pytest_terminal_summary(terminalreporter):
                         passed.add(report.nodeid)
         if ran:
             terminalreporter.write_line(f"{label}: {len(passed)} passed of {len(ran)} run")
+
+
+# -- test workers (pytest -n, --dist loadgroup): what one worker must run, and the long tests first ------
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    """Tests that share an expensive fixture run on one worker, so it is built once: every user of
+    `facts` (SmolLM2 trained and merged), and the tests of a module sharing a module-scoped one (a
+    vLLM server). The slow tests go first: a long test started last would leave the other worker idle."""
+    for item in items:
+        group = _shared_fixture_group(item)
+        if group:
+            item.add_marker(pytest.mark.xdist_group(group))
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
+def _shared_fixture_group(item) -> str | None:
+    if "facts" in item.fixturenames:
+        return "facts"
+    module = item.nodeid.split("::")[0]
+    for name in item.fixturenames:
+        for fixturedef in item._fixtureinfo.name2fixturedefs.get(name, ()):
+            if fixturedef.scope == "module" and fixturedef.baseid == module:
+                return module
+    return None

@@ -83,3 +83,15 @@ def test_serve_then_ask_from_another_terminal_with_the_generated_key(smollm2, mo
         os.kill(serve.pid, signal.SIGTERM)
         serve.wait(timeout=120)
     assert not record.exists()
+
+
+def test_chat_commands_change_the_conversation_and_only_messages_are_sent():
+    from appliance.client import Conversation
+
+    talk = Conversation(system="Be brief.")
+    assert [talk.take(t) for t in ("hello", "   ", "/system Be kind.")] == ["send", "skip", "system"]
+    talk.answered("hi")
+    assert talk.messages == [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "hello"},
+                             {"role": "assistant", "content": "hi"}]
+    assert talk.take("/reset") == "reset" and talk.messages == [{"role": "system", "content": "Be kind."}]
+    assert talk.take(" /exit ") == "exit" and talk.take("/quit") == "exit"

@@ -112,3 +112,23 @@ def test_a_failing_step_of_the_path_is_a_finding_with_its_fix(tmp_path):
     assert all(found[n]["ok"] for n in ("path-model", "path-qlora", "path-merge"))
     for name in ("vllm-installed", "path-vllm"):
         assert not found[name]["ok"] and "vllm" in found[name]["fix"], found[name]
+
+
+def test_a_gpu_owners_doctor_run_is_saved_as_a_measurement_of_the_doctor_tiny_shape():
+    """`appliance doctor --save` on a GPU: the miniature run's peak becomes a measurement that
+    tests/test_plan.py checks the planner against; the shape it names is the model the doctor trains."""
+    from appliance.config import load_run_config
+    from appliance.doctor_run import TINY, _settings, measurements
+    from appliance.plan import Measurement, estimate, find_gpu, find_model
+
+    shape = find_model("doctor-tiny")
+    assert {k: getattr(shape, k) for k in TINY} == TINY and shape.vocab_size == 49152  # SmolLM2's tokenizer
+    cfg = load_run_config("sft-qlora", flags={"model": {"name": "doctor-tiny"}, "train": {"batch_size": 4}})
+    figures = {"qlora": {"steps": 5, "loss": 9.1, "peak_gib": 0.31, "planned_gib": 0.3, "device": "cuda", "settings": _settings(cfg, "cuda")}}
+    env = {"date": "2026-11-29T12:00:00+00:00", "machine": {"cpu": "Ryzen 7"}, "gpu": "NVIDIA GeForce RTX 3060", "versions": {"torch": "2.9"}}
+    [record] = measurements(figures, env)
+    m = Measurement.model_validate(record)
+    assert (m.gpu, m.model, m.loop, m.settings.batch_size, m.settings.load_in_4bit) == ("RTX 3060", "doctor-tiny", "appliance", 4, True)
+    assert estimate(find_model(m.model), find_gpu(m.gpu), m.settings, m.loop).allocated_gib > 0
+    assert measurements({**figures, "qlora": {**figures["qlora"], "device": "cpu"}}, {**env, "gpu": None}) == []
+    assert measurements(figures, {**env, "gpu": "Some Unprofiled Card"}) == []

@@ -64,6 +64,43 @@ def demo_data() -> Path:
     return Path(str(resources.files("appliance") / "demo" / "facts.jsonl"))
 
 
+class BenchSubject(BaseModel):
+    """What the sides train: a model folder, its label, the data (None: random tokens) and the shape of a step."""
+
+    model_dir: Path
+    label: str
+    data: Path | None
+    seq_len: int
+    batch_size: int
+
+
+def choose_subject(
+    registry, *, model: str | None, shape: str | None, data: Path | None, seq_len: int | None, batch_size: int | None, steps: int
+) -> BenchSubject:
+    """A model of the store on chat data (default: smollm2 on the demo data), or a profile's shape with
+    random weights and random tokens on a GPU; refuses what cannot be measured before any work."""
+    if model and shape:
+        raise ApplianceError("--model and --shape each choose the model.", "pass one of them")
+    if steps < 2:
+        raise ApplianceError("--steps must be at least 2 (the first are warm-up).", "use --steps 10")
+    require_trl()
+    if not shape:
+        label = model or "smollm2"
+        registry.model(label)
+        return BenchSubject(model_dir=registry.model_dir(label), label=label, data=data or demo_data(),
+                            seq_len=seq_len or 512, batch_size=batch_size or 8)
+    from appliance.bench.shapes import shape_folder
+    from appliance.hardware import detect
+
+    if detect().device != "cuda":
+        raise ApplianceError(
+            f"--shape {shape} benchmarks a full-size model on a GPU; this machine has none.",
+            "on CPU, benchmark a model in the store: appliance bench train --model smollm2",
+        )
+    return BenchSubject(model_dir=shape_folder(shape, registry.store.root / "bench-cache"), label=shape, data=None,
+                        seq_len=seq_len or 2048, batch_size=batch_size or 1)
+
+
 class Ratio(BaseModel):
     against: Side
     useful_tok_per_s: float = Field(description="ours ÷ theirs")

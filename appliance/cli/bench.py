@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 import click
 
@@ -65,54 +66,30 @@ def bench_train(model, shape, data, seq_len, steps, batch_size, rank, sets, rows
       appliance bench train --shape llama-3.1-8b --seq-len 2048 --save
       appliance bench train --set train.packing=false        # what packing is worth
     """
-    from appliance.errors import ApplianceError
-    from appliance.hardware import describe
-    from appliance.results import save_result
-    from appliance.bench.shapes import shape_folder
     from appliance.bench.train import bench_train as run_bench
-    from appliance.bench.train import demo_data, find_plain_loop, measurements, require_trl
+    from appliance.bench.train import choose_subject, find_plain_loop, measurements
 
-    if model and shape:
-        raise ApplianceError("--model and --shape each choose the model.", "pass one of them")
-    if steps < 2:
-        raise ApplianceError("--steps must be at least 2 (the first are warm-up).", "use --steps 10")
-    require_trl()
-    reg = registry()
-    if shape:
-        from appliance.hardware import detect
+    subject = choose_subject(registry(), model=model, shape=shape, data=data, seq_len=seq_len, batch_size=batch_size, steps=steps)
+    result = run_bench(**subject.model_dump(), steps=steps, rank=rank, sets=list(sets), plain_loop=plain_loop or find_plain_loop(),
+                       rows=tuple(rows), rounds=rounds, progress=_progress(as_json))
+    _finish("train", result.model_dump(mode="json"), save=save, as_json=as_json, show=lambda saved: show_train(result, saved),
+            measure=lambda env: measurements(result, env))
 
-        if detect().device != "cuda":
-            raise ApplianceError(
-                f"--shape {shape} benchmarks a full-size model on a GPU; this machine has none.",
-                "on CPU, benchmark a model in the store: appliance bench train --model smollm2",
-            )
-        model_dir, label, data = shape_folder(shape, reg.store.root / "bench-cache"), shape, None
-    else:
-        label = model or "smollm2"
-        reg.model(label)
-        model_dir, data = reg.model_dir(label), data or demo_data()
-    result = run_bench(
-        model_dir,
-        label=label,
-        data=data,
-        seq_len=seq_len or (2048 if shape else 512),
-        steps=steps,
-        batch_size=batch_size or (1 if shape else 8),
-        rank=rank,
-        sets=list(sets),
-        plain_loop=plain_loop or find_plain_loop(),
-        rows=tuple(rows),
-        rounds=rounds,
-        progress=_progress(as_json),
-    )
-    payload = result.model_dump(mode="json")
+
+def _finish(kind: str, payload: dict, *, save: bool, as_json: bool, show: Callable[[str | None], None],
+            measure: Callable[[dict], list[dict]] = lambda env: []) -> None:
+    """Every benchmark's end: with --save, write bench/results/<kind>-… (and the planner's measurements),
+    then print the payload as JSON or through `show`, which gets the saved file's path."""
     if save:
+        from appliance.hardware import describe
+        from appliance.results import save_result
+
         env = describe()
-        payload["saved"] = str(save_result("train", payload, env, measurements(result, env)))
+        payload["saved"] = str(save_result(kind, payload, env, measure(env)))
     if as_json:
         print_json(payload)
     else:
-        show_train(result, payload.get("saved"))
+        show(payload.get("saved"))
 
 
 def show_train(result, saved: str | None) -> None:
@@ -178,20 +155,17 @@ def bench_merge(adapter, dtypes, save, as_json) -> None:
       appliance bench merge facts --save
     """
     registry().adapter(adapter)  # a typo fails here, before torch is imported
+    from appliance.merge import compare_merges
+
+    rows = compare_merges(registry(), adapter, dtypes=tuple(dtypes) or ("float32", "bfloat16"), progress=_progress(as_json))
+    _finish("merge", {"adapter": adapter, "rows": rows}, save=save, as_json=as_json, show=lambda saved: show_merge(adapter, rows, saved))
+
+
+def show_merge(adapter: str, rows: list[dict], saved: str | None) -> None:
     from rich.table import Table
 
     from appliance import ui
-    from appliance.hardware import describe
-    from appliance.merge import compare_merges
-    from appliance.results import save_result
 
-    rows = compare_merges(registry(), adapter, dtypes=tuple(dtypes) or ("float32", "bfloat16"), progress=_progress(as_json))
-    payload = {"adapter": adapter, "rows": rows}
-    if save:
-        payload["saved"] = str(save_result("merge", payload, describe()))
-    if as_json:
-        print_json(payload)
-        return
     table = Table("weights", "dtype", "top-1 at clear positions", "top-1, all", "mean KL", "of the adapter's effect", "gate",
                   title=f"merging {adapter}, against the evaluated 4-bit model")
     for row in rows:
@@ -201,8 +175,8 @@ def bench_merge(adapter, dtypes, save, as_json) -> None:
         table.add_row(row["weights"], row["dtype"], f"{e['top1_agreement']:.2%}", f"{e['top1_agreement_all']:.2%}", f"{e['mean_kl']:.2e}",
                       f"{relative:.2%}", "[green]pass[/]" if row["passed"] else "[red]fail[/]")
     ui.console.print(table)
-    if payload.get("saved"):
-        ui.console.print(f"saved: {payload['saved']}")
+    if saved:
+        ui.console.print(f"saved: {saved}")
 
 
 @bench.command("methods")
@@ -218,21 +192,19 @@ def bench_methods(model, methods, save, as_json) -> None:
       appliance bench methods --method simpo --method grpo --save
     """
     registry().model(model)  # a typo fails here, before torch is imported
-    from appliance import ui
     from appliance.bench.methods import METHOD_RUNS, run_methods
-    from appliance.hardware import describe
-    from appliance.results import save_result
 
     figures = run_methods(registry(), list(methods) or list(METHOD_RUNS), model, progress=_progress(as_json))
-    payload = {"model": model, "methods": [f.model_dump() for f in figures]}
-    if save:
-        payload["saved"] = str(save_result("methods", payload, describe()))
-    if as_json:
-        print_json(payload)
-        return
+    _finish("methods", {"model": model, "methods": [f.model_dump() for f in figures]}, save=save, as_json=as_json,
+            show=lambda saved: show_methods(figures, model, saved))
+
+
+def show_methods(figures: list, model: str, saved: str | None) -> None:
+    from appliance import ui
+
     ui.console.print(ui.methods_table(figures, model))
-    if payload.get("saved"):
-        ui.console.print(f"saved: {payload['saved']}")
+    if saved:
+        ui.console.print(f"saved: {saved}")
 
 
 @bench.command("export")
@@ -248,20 +220,18 @@ def bench_export(name, quants, save, as_json) -> None:
     What the export's gates are measured from. Example:
       appliance bench export smollm2-facts --quant f16 --quant q8_0 --quant q4_k_m --save
     """
+    from appliance.bench.export import DEFAULT_QUANTS, compare_exports
+
+    rows = compare_exports(registry(), name, tuple(quants) or DEFAULT_QUANTS, progress=_progress(as_json))
+    _finish("export", {"name": name, "rows": [row.model_dump(mode="json") for row in rows]}, save=save, as_json=as_json,
+            show=lambda saved: show_export(name, rows, saved))
+
+
+def show_export(name: str, rows: list, saved: str | None) -> None:
     from rich.table import Table
 
     from appliance import ui
-    from appliance.bench.export import DEFAULT_QUANTS, compare_exports
-    from appliance.hardware import describe
-    from appliance.results import save_result
 
-    rows = compare_exports(registry(), name, tuple(quants) or DEFAULT_QUANTS, progress=_progress(as_json))
-    payload = {"name": name, "rows": [row.model_dump(mode="json") for row in rows]}
-    if save:
-        payload["saved"] = str(save_result("export", payload, describe()))
-    if as_json:
-        print_json(payload)
-        return
     table = Table("type", "GGUF MiB", "seconds", "top-1 at clear positions", "top-1, all", "mean KL", "answers stopped", "same answers", "gate",
                   title=f"exporting {name}, against the original in fp32")
     for row in rows:
@@ -270,8 +240,8 @@ def bench_export(name, quants, save, as_json) -> None:
                       f"{a.mean_kl:.2e}", f"{row.parity.stopped}/{len(answers)}", f"{sum(g.same_as_reference for g in answers)}/{len(answers)}",
                       "[green]pass[/]" if row.passed else "[red]fail[/]")
     ui.console.print(table)
-    if payload.get("saved"):
-        ui.console.print(f"saved: {payload['saved']}")
+    if saved:
+        ui.console.print(f"saved: {saved}")
 
 
 @bench.command("serve")
@@ -295,8 +265,6 @@ def bench_serve(model, adapter, url, api_key, concurrency, requests, max_tokens,
     """
     from appliance.client import bench_serve as run_bench
     from appliance.serve import find_endpoint
-    from appliance.hardware import describe
-    from appliance.results import save_result
 
     result = run_bench(
         find_endpoint(url, api_key),
@@ -309,12 +277,7 @@ def bench_serve(model, adapter, url, api_key, concurrency, requests, max_tokens,
         restart=restart,
         progress=_progress(as_json),
     )
-    if save:
-        result["saved"] = str(save_result("serve", result, describe()))
-    if as_json:
-        print_json(result)
-    else:
-        show_serve(result)
+    _finish("serve", result, save=save, as_json=as_json, show=lambda saved: show_serve(result))
 
 
 def show_serve(result: dict) -> None:

@@ -62,42 +62,23 @@ def chat(model, adapter, url, api_key, system, temperature, max_tokens) -> None:
       appliance chat
       appliance chat --adapter recipes --system "You are a careful cook."
     """
-    from rich.live import Live
-    from rich.markdown import Markdown
-    from rich.prompt import Prompt
-
     from appliance import ui
-    from appliance.client import default_model, stream_chat
+    from appliance.client import Conversation, default_model, stream_chat
     from appliance.serve import find_endpoint
 
     endpoint = find_endpoint(url, api_key)
     name = adapter or model or default_model(endpoint)
     ui.console.print(f"[dim]chatting with {name} at {endpoint.url} — /exit to leave, /reset to start over[/]")
-    history: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
-    while True:
-        try:
-            text = Prompt.ask("[bold cyan]you[/]")
-        except (EOFError, KeyboardInterrupt):
-            ui.console.print()
+    conversation = Conversation(system)
+    while (text := ui.prompt("[bold cyan]you[/]")) is not None:
+        action = conversation.take(text)
+        if action == "exit":
             return
-        if text.strip() in ("/exit", "/quit"):
-            return
-        if text.strip() == "/reset":
-            history = [m for m in history if m["role"] == "system"]
+        if action == "reset":
             ui.console.print("[dim]conversation cleared[/]")
-            continue
-        if text.startswith("/system "):
-            history = [{"role": "system", "content": text[8:]}] + [m for m in history if m["role"] != "system"]
-            continue
-        if not text.strip():
-            continue
-        history.append({"role": "user", "content": text})
-        reply = ""
-        with Live(Markdown(""), console=ui.console, refresh_per_second=12) as live:
-            for delta in stream_chat(endpoint, history, model=name, temperature=temperature, max_tokens=max_tokens):
-                reply += delta
-                live.update(Markdown(reply))
-        history.append({"role": "assistant", "content": reply})
+        if action == "send":
+            deltas = stream_chat(endpoint, conversation.messages, model=name, temperature=temperature, max_tokens=max_tokens)
+            conversation.answered(ui.stream_markdown(deltas))
 
 
 commands = [ask, chat]

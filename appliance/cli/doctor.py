@@ -30,38 +30,46 @@ def doctor(quick: bool, no_vllm: bool, python: str | None, save: bool, as_json: 
       appliance doctor --save        # a GPU owner's run becomes a measurement in bench/results/
       appliance doctor --quick --json
     """
-    from appliance import ui
     from appliance.doctor import machine_findings
 
     python = python or sys.executable
-    findings = machine_findings(registry().store, python)
-    figures: dict = {}
     show = (lambda f: None) if as_json else _show
+    findings = machine_findings(registry().store, python)
     for finding in findings:
         show(finding)
-    if not quick:
-        from appliance.doctor_run import run_path
-
-        with ui.Spinner("the path in miniature") as spinner:
-            path = run_path(python, progress=spinner.update, with_vllm=not no_vllm)
-        for finding in path.findings:
-            show(finding)
-        findings += path.findings
-        figures = path.figures
-    ok = all(f.ok for f in findings)
-    result = {"ok": ok, "findings": [f.__dict__ for f in findings], "figures": figures}
-    if save:
+    path = None if quick else _path_in_miniature(python, with_vllm=not no_vllm)
+    for finding in path.findings if path else []:
+        show(finding)
+    findings += path.findings if path else []
+    result = {"ok": all(f.ok for f in findings), "findings": [f.__dict__ for f in findings], "figures": path.figures if path else {}}
+    if save:  # on a GPU, the miniature run's peak memory becomes a measurement the planner is tested against
+        from appliance.doctor_run import measurements
         from appliance.hardware import describe
         from appliance.results import save_result
 
-        result["saved"] = str(save_result("doctor", result, describe()))
+        env = describe()
+        result["saved"] = str(save_result("doctor", result, env, measurements(result["figures"], env)))
     if as_json:
         print_json(result)
     else:
-        on = "this GPU" if any(f.name == "cuda-usable" and "compute capability" in f.detail for f in findings) else "this CPU (no NVIDIA GPU)"
-        verdict = "[green]the whole path works[/]" if ok else "[red]something failed[/]: each FAIL above names its fix"
-        ui.console.print(f"{verdict} on {on}" + (f" · saved {result['saved']}" if save else ""))
-    sys.exit(0 if ok else 1)
+        _verdict(findings, result)
+    sys.exit(0 if result["ok"] else 1)
+
+
+def _path_in_miniature(python: str, with_vllm: bool):
+    from appliance import ui
+    from appliance.doctor_run import run_path
+
+    with ui.Spinner("the path in miniature") as spinner:
+        return run_path(python, progress=spinner.update, with_vllm=with_vllm)
+
+
+def _verdict(findings: list, result: dict) -> None:
+    from appliance import ui
+
+    on = "this GPU" if any(f.name == "cuda-usable" and "compute capability" in f.detail for f in findings) else "this CPU (no NVIDIA GPU)"
+    verdict = "[green]the whole path works[/]" if result["ok"] else "[red]something failed[/]: each FAIL above names its fix"
+    ui.console.print(f"{verdict} on {on}" + (f" · saved {result['saved']}" if "saved" in result else ""))
 
 
 def _show(finding) -> None:

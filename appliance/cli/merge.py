@@ -42,6 +42,13 @@ def merge(adapter: str, name: str | None, weights: str, dtype: str, overwrite: b
     if as_json:
         print_json(manifest.model_dump(mode="json"))
         return
+    _report(manifest)
+
+
+def _report(manifest) -> None:
+    """The merge's parity with the evaluated model, its notes, and the next step."""
+    from appliance import ui
+
     p = manifest.parity
     e = p.evaluated
     ui.console.print(

@@ -91,6 +91,16 @@ def show(name, as_json) -> None:
     if as_json:
         print_json({**summary, "config": run.config, "damaged_lines": run.damaged_lines})
         return
+    rows = _run_rows(run, summary)
+    ui.console.print(ui.key_value_table(rows))
+    steps, losses = run.series("loss")
+    if len(steps) >= 2:
+        series = {"train": (steps, losses), "validation": run.series("val_loss")}
+        _print_chart(ui.curve_chart("loss", series, width=min(ui.console.width, 80), height=14, color=ui.console.is_terminal))
+
+
+def _run_rows(run, summary: dict) -> dict:
+    """`runs show`'s table: status, settings in brief, final and best figures."""
     train = run.config.get("train", {})
     rows = {
         "name": run.name,
@@ -105,11 +115,7 @@ def show(name, as_json) -> None:
     rows.update({k: _number(v) for k, v in run.figures().items()})
     if run.damaged_lines:
         rows["damaged lines"] = f"{run.damaged_lines} line(s) of metrics.jsonl are not JSON and were skipped"
-    ui.console.print(ui.key_value_table(rows))
-    steps, losses = run.series("loss")
-    if len(steps) >= 2:
-        series = {"train": (steps, losses), "validation": run.series("val_loss")}
-        _print_chart(ui.curve_chart("loss", series, width=min(ui.console.width, 80), height=14, color=ui.console.is_terminal))
+    return rows
 
 
 @runs.command()

@@ -47,35 +47,47 @@ def install(model, system, run_as, overwrite, dry_run, no_wait, ray_head, ray_po
       appliance service install --ray-address 10.0.0.1:6379            # on the second machine
     """
     from appliance import ui
+    from appliance.serve import install_service
+
+    plan = _install_plan(model, "system" if system else "user", run_as, ray_head, ray_port, options)
+    if dry_run:
+        click.echo(plan.preview())
+        ui.err_console.print("[dim]dry run: nothing was written[/]")
+        return
+    record = install_service(plan, registry().store, force=overwrite)
+    _say_installed(plan, record, ray_port)
+    if record is not None and not no_wait:
+        _wait_until_ready(plan.spec)
+
+
+def _install_plan(model: str | None, scope: str, run_as: str | None, ray_head: bool, ray_port: int, options: dict):
+    """The service for MODEL, the Ray head for it (--ray-head), or a Ray worker joining --ray-address (no MODEL)."""
     from appliance.errors import ApplianceError
     from appliance.hardware import gpu_present
-    from appliance.serve import install_service, plan_install, plan_ray_worker, ray_unit_path
+    from appliance.serve import plan_install, plan_ray_worker
 
-    scope, store, address = "system" if system else "user", registry().store, options["ray_address"]
+    store, address = registry().store, options["ray_address"]
     if model is None and not (address and not ray_head):
         raise ApplianceError("Which model should the service serve?", "appliance service install MODEL (or, on a Ray worker machine, --ray-address HEAD:PORT alone)")
     if ray_head and address:
         raise ApplianceError("--ray-head starts a cluster here; --ray-address joins another.", "pass one of them")
     if model is None:
-        plan = plan_ray_worker(options["python"] or sys.executable, store, address=address, on_gpu=gpu_present(), scope=scope, run_as=run_as)
-    else:
-        address = options["ray_address"] = f"127.0.0.1:{ray_port}" if ray_head else address
-        spec = spec_from_options(model, **{**options, "runtime_adapters": True})
-        plan = plan_install(spec, store, scope=scope, run_as=run_as, ray_head_port=ray_port if ray_head else None)
-    if dry_run:
-        click.echo(plan.preview())
-        ui.err_console.print("[dim]dry run: nothing was written[/]")
-        return
-    record = install_service(plan, store, force=overwrite)
+        return plan_ray_worker(options["python"] or sys.executable, store, address=address, on_gpu=gpu_present(), scope=scope, run_as=run_as)
+    options["ray_address"] = f"127.0.0.1:{ray_port}" if ray_head else address
+    spec = spec_from_options(model, **{**options, "runtime_adapters": True})
+    return plan_install(spec, store, scope=scope, run_as=run_as, ray_head_port=ray_port if ray_head else None)
+
+
+def _say_installed(plan, record: dict | None, ray_port: int) -> None:
+    from appliance import ui
+    from appliance.serve import ray_unit_path
+
     if plan.ray:
-        joins = f"this machine joins the Ray cluster at {address}" if record is None else \
+        joins = f"this machine joins the Ray cluster at {plan.ray_address}" if record is None else \
             f"the Ray head; on each other machine: appliance service install --ray-address THIS_HOST:{ray_port}"
         ui.console.print(f"[green]installed[/] {ray_unit_path(plan.paths)}: {joins}")
-    if record is None:
-        return
-    ui.console.print(f"[green]installed[/] {record['unit']} (env {record['env_file']}, mode 0600)")
-    if not no_wait:
-        _wait_until_ready(plan.spec)
+    if record is not None:
+        ui.console.print(f"[green]installed[/] {record['unit']} (env {record['env_file']}, mode 0600)")
 
 
 def _wait_until_ready(spec) -> None:
@@ -102,32 +114,15 @@ def status(as_json: bool) -> None:
       appliance service status --json
     """
     from appliance import ui
-    from appliance.serve import Endpoint, served_models
-    from appliance.errors import ApplianceError
-    from appliance.serve import installed_endpoint, service_status
+    from appliance.serve import Endpoint, installed_endpoint, served_labels, service_status
 
     info = service_status(registry().store)
     url, key = installed_endpoint()
-    try:
-        served = [m["id"] + (f" (adapter of {m['parent']})" if m.get("parent") else "") for m in served_models(Endpoint(url, key))]
-    except ApplianceError:
-        served = []
-    state = info["systemd"]
+    served = served_labels(Endpoint(url, key))
     if as_json:
         print_json({**info, "served": served})
-        return
-    memory = state.get("MemoryCurrent", "")
-    rows = {
-        "unit": f"{info['record']['unit_name']} ({info['record']['scope']})",
-        "state": f"{state.get('ActiveState')} / {state.get('SubState')}",
-        "pid": state.get("MainPID"),
-        "since": state.get("ActiveEnterTimestamp") or "-",
-        "restarts": state.get("NRestarts", "0"),
-        "memory": f"{int(memory) / 2**30:.2f} GiB" if memory.isdigit() else "-",
-        "endpoint": f"{url}/v1",
-        "served": ", ".join(served) or "(not answering)",
-    }
-    ui.console.print(ui.key_value_table(rows, title="appliance service"))
+    else:
+        ui.console.print(ui.service_table(info, url, served))
 
 
 @service.command()

@@ -161,19 +161,9 @@ def train(name, recipe, config_file, sets, gpu, fit, resume, overwrite, as_json,
     """
 
     from appliance import ui
-    from appliance.config import load_run_config
-    from appliance.store import check_name
-
-    # Names and files first: a typo fails at once, not after the seconds torch takes to import.
-    check_name(name, "adapter name")
-    cfg = load_run_config(recipe_and_files(flags["data"], recipe), config_file, sets, flag_overrides(**flags))
-    registry().model(cfg.model.name or "")
-    if cfg.train.report_to:
-        from appliance.track import check_installed
-
-        check_installed(cfg.train.report_to)
     from appliance.train import Launch, launch_ranks
 
+    cfg = checked_config(name, recipe, config_file, sets, flags)
     ranks = Launch(nproc_per_node, nnodes, node_rank, master_addr, master_port)
     # A rank runs this command without the launch flags; WORLD_SIZE tells it how many there are.
     cfg = fit_to_gpu(cfg, gpu, fit, data_parallel=int(os.environ.get("WORLD_SIZE", nproc_per_node * nnodes)))
@@ -181,21 +171,39 @@ def train(name, recipe, config_file, sets, gpu, fit, resume, overwrite, as_json,
         launch_ranks(ranks, sys.argv[1:], registry().store.root / "logs" / f"train-{name}")
         return
     with ui.json_output() if as_json else contextlib.nullcontext():
-        from appliance.train import run_training
-
-        ui.console.print(f"[dim]recipe {cfg.recipe} · task {cfg.task} · resolved config saved in the run folder[/]")
-        from appliance.track import fan_out, reporting
-        from appliance.train import Note
-
-        with ui.Dashboard() as dashboard, leaving_quietly_when_a_peer_dies():
-            # Trackers consume the same events as the dashboard; their warnings show in it as notes.
-            with reporting(cfg.train.report_to, registry().run_dir(name), cfg, lambda text: dashboard(Note(text, "warning"))) as trackers:
-                result = run_training(cfg, registry(), name, resume=resume, overwrite=overwrite, events=fan_out(dashboard, *trackers))
-        figures = "  ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in result.metrics.items())
-        ui.console.print(f"[green]adapter saved[/] {result.adapter} → {result.adapter_dir}\n  {figures}  ({ui.duration(result.elapsed_s)})")
-        ui.console.print(f"next: [bold]appliance merge {result.adapter}[/]  or  [bold]appliance serve {cfg.model.name} --adapter {result.adapter}[/]")
+        result = train_with_dashboard(cfg, name, resume=resume, overwrite=overwrite)
+        ui.training_done(result, cfg.model.name)
     if as_json:
         print_json(registry().adapter(result.adapter).model_dump(mode="json"))
+
+
+def checked_config(name: str, recipe: str | None, config_file, sets, flags: dict):
+    """The run's typed configuration, with names, files, the model and the trackers checked first:
+    a typo fails at once, not after the seconds torch takes to import."""
+    from appliance.config import load_run_config
+    from appliance.store import check_name
+
+    check_name(name, "adapter name")
+    cfg = load_run_config(recipe_and_files(flags["data"], recipe), config_file, sets, flag_overrides(**flags))
+    registry().model(cfg.model.name or "")
+    if cfg.train.report_to:
+        from appliance.track import check_installed
+
+        check_installed(cfg.train.report_to)
+    return cfg
+
+
+def train_with_dashboard(cfg, name: str, *, resume: bool, overwrite: bool):
+    """`run_training` behind the live dashboard; the trackers consume the same events, and their
+    warnings show in the dashboard as notes."""
+    from appliance import ui
+    from appliance.track import fan_out, reporting
+    from appliance.train import Note, run_training
+
+    ui.console.print(f"[dim]recipe {cfg.recipe} · task {cfg.task} · resolved config saved in the run folder[/]")
+    with ui.Dashboard() as dashboard, leaving_quietly_when_a_peer_dies():
+        with reporting(cfg.train.report_to, registry().run_dir(name), cfg, lambda text: dashboard(Note(text, "warning"))) as trackers:
+            return run_training(cfg, registry(), name, resume=resume, overwrite=overwrite, events=fan_out(dashboard, *trackers))
 
 
 @contextlib.contextmanager

@@ -80,3 +80,12 @@ def served_models(endpoint: Endpoint) -> list[dict[str, Any]]:
             "pass the URL of a vLLM server started by `appliance serve`, like --url http://127.0.0.1:8000",
         )
     return models
+
+
+def served_labels(endpoint: Endpoint) -> list[str]:
+    """What /v1/models lists, as people read it ("facts (adapter of smollm2)"); none when nothing answers."""
+    try:
+        models = served_models(endpoint)
+    except ApplianceError:
+        return []
+    return [m["id"] + (f" (adapter of {m['parent']})" if m.get("parent") else "") for m in models]
