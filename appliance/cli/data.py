@@ -38,7 +38,7 @@ def augment(file, paraphrases, out, temperature, overwrite, model, adapter, url,
     """
     from appliance import ui
     from appliance.client import ask
-    from appliance.data.augment import INSTRUCTION, paraphrase_file
+    from appliance.data import PARAPHRASE_INSTRUCTION, paraphrase_file
     from appliance.errors import ApplianceError
     from appliance.serve import find_endpoint
 
@@ -48,7 +48,7 @@ def augment(file, paraphrases, out, temperature, overwrite, model, adapter, url,
     endpoint = find_endpoint(url, api_key)
 
     def rewrite(text: str) -> str:
-        return ask(endpoint, INSTRUCTION.format(text=text), model=adapter or model, temperature=temperature, max_tokens=256).text
+        return ask(endpoint, PARAPHRASE_INSTRUCTION.format(text=text), model=adapter or model, temperature=temperature, max_tokens=256).text
 
     report = paraphrase_file(file, out, paraphrases, rewrite, progress=lambda text: ui.err_console.print(f"[dim]{text}[/]", end="\r"))
     if as_json:

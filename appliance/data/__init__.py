@@ -2,6 +2,8 @@
 (template), tokenizing per task (encoders), splits and the leakage check (split), mixing and replay
 (mix), the whole preparation (dataset), and batches (batches). Tokenizers, never models."""
 
+from appliance.data.augment import INSTRUCTION as PARAPHRASE_INSTRUCTION
+from appliance.data.augment import AugmentReport, paraphrase_file
 from appliance.data.batches import Batch, MicroBatchPlan, collate_classification, collate_lm, collate_pairs, collate_unpaired
 from appliance.data.dataset import DataReport, PreparedData, data_records, examples_per_epoch, prepare
 from appliance.data.encoders import Encoded
@@ -21,6 +23,8 @@ from appliance.data.template import (
 
 __all__ = [
     "IGNORE_INDEX",
+    "PARAPHRASE_INSTRUCTION",
+    "AugmentReport",
     "Batch",
     "DataReport",
     "Encoded",
@@ -37,6 +41,7 @@ __all__ = [
     "data_records",
     "end_of_turn",
     "examples_per_epoch",
+    "paraphrase_file",
     "has_chat_template",
     "load_file",
     "prepare",
