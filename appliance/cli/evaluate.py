@@ -26,8 +26,6 @@ def evaluate(name, data, against, limit, as_json) -> None:
     """
     reg = registry()
     reg.adapter(name)  # a typo fails here, before torch is imported
-    from rich.table import Table
-
     from appliance import ui
     from appliance.evaluate import evaluate_adapter, save_evaluation
 
@@ -36,7 +34,16 @@ def evaluate(name, data, against, limit, as_json) -> None:
     save_evaluation(reg, report)
     if as_json:
         print_json(report.model_dump(mode="json"))
-        return
+    else:
+        _show(report, name)
+
+
+def _show(report, name: str) -> None:
+    """Each metric before and after, the forgetting check, and three answers side by side."""
+    from rich.table import Table
+
+    from appliance import ui
+
     table = Table("metric", f"before ({report.against})", f"after ({name})", title=f"{report.task} · {report.examples} {report.split} examples")
     for metric in dict.fromkeys([*report.before, *report.after]):
         b, a = report.before.get(metric), report.after.get(metric)
