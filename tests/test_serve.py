@@ -143,3 +143,75 @@ def test_adapters_are_served_over_the_bases_4bit_twin_which_computes_what_traini
     # A running server is matched to the store by the folder it loaded: the twin is the base's.
     assert tiny.holds_weights_of(model, twin) and tiny.holds_weights_of(model, tiny.model_dir("tiny"))
     assert not tiny.holds_weights_of(model, tiny.adapter_dir("a"))
+
+
+@pytest.fixture
+def splittable(store, tiny_model_folder, tmp_path):
+    """A random 2-layer LLaMA whose heads split over two ranks (2 query and 2 key-value heads of 64)."""
+    import shutil
+
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from appliance.models import import_model
+
+    folder = tmp_path / "splittable"
+    folder.mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        shutil.copy2(tiny_model_folder / name, folder / name)
+    torch.manual_seed(0)
+    config = LlamaConfig.from_pretrained(tiny_model_folder)
+    config.update({"hidden_size": 128, "intermediate_size": 256, "num_attention_heads": 2, "num_key_value_heads": 2, "head_dim": 64})
+    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(folder)
+    import_model(str(folder), store, name="splittable")
+    return store
+
+
+@pytest.mark.slow
+def test_tensor_parallel_2_on_the_cpu_build_answers_as_transformers_does(splittable):
+    """`appliance serve --tensor-parallel-size 2` without a GPU: vLLM's CPU build splits each layer over two
+    processes (gloo). Its greedy tokens and their log-probabilities are transformers' own, computed whole."""
+    import httpx
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from conftest import serve_for_test
+
+    prompt = AutoTokenizer.from_pretrained(splittable.model_dir("splittable"))("The capital of France is").input_ids
+    server, endpoint = serve_for_test(splittable, "splittable", port=8160, tensor_parallel_size=2)
+    try:
+        assert "world_size=2" in server.log_path.read_text()
+        body = {"model": "splittable", "prompt": prompt, "max_tokens": 12, "temperature": 0, "logprobs": 0,
+                "return_tokens_as_token_ids": True}
+        response = httpx.post(f"{endpoint.url}/v1/completions", json=body, headers=endpoint.headers, timeout=120)
+    finally:
+        server.stop()
+    assert response.status_code == 200, response.text
+    logprobs = response.json()["choices"][0]["logprobs"]
+    served_ids = [int(token.removeprefix("token_id:")) for token in logprobs["tokens"]]
+
+    model = AutoModelForCausalLM.from_pretrained(splittable.model_dir("splittable"), torch_dtype=torch.float32)
+    with torch.no_grad():
+        ids = model.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False, min_new_tokens=12)[0, len(prompt):]
+        scores = model(torch.tensor([prompt + ids.tolist()])).logits[0, len(prompt) - 1:-1].log_softmax(-1)
+    expected = scores.gather(1, ids[:, None])[:, 0]
+    print(f"\ntensor parallel 2 on CPU: {served_ids} against transformers {ids.tolist()}; "
+          f"max |Δ log-prob| {max(abs(a - b) for a, b in zip(logprobs['token_logprobs'], expected.tolist())):.2e}")
+    assert served_ids == ids.tolist()
+    assert torch.allclose(torch.tensor(logprobs["token_logprobs"]), expected, atol=1e-3)
+
+
+def test_cpu_ranks_split_the_cores_and_more_ranks_than_cores_are_refused(tiny):
+    import os
+
+    from appliance.errors import ApplianceError
+
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) >= 2:
+        env = vllm_env(build_spec(tiny, "tiny", device="cpu", tensor_parallel_size=2))
+        half = len(cores) // 2
+        first, second = cores[:half], cores[half:2 * half]
+        assert env["VLLM_CPU_OMP_THREADS_BIND"] == "|".join(f"{g[0]}-{g[-1]}" if len(g) > 1 else str(g[0]) for g in (first, second))
+    assert "VLLM_CPU_OMP_THREADS_BIND" not in vllm_env(build_spec(tiny, "tiny", device="cpu"))
+    with pytest.raises(ApplianceError, match=f"runs {len(cores) + 1} vLLM workers on the CPU; this machine lets it use {len(cores)} cores"):
+        build_spec(tiny, "tiny", device="cpu", pipeline_parallel_size=len(cores) + 1)

@@ -176,6 +176,7 @@ def build_spec(
         fit_to_gpu(spec)
     else:
         spec.quantization = None
+        cpu_binding(spec)  # refuses more ranks than cores before anything starts
     if spec.lora_enabled:
         # Sized for every adapter the server may load: those given, and those of its base in the
         # store, which vLLM's filesystem resolver loads by name on their first request.
@@ -249,6 +250,24 @@ def check_gpu_count(spec: ServeSpec) -> None:
         )
 
 
+def cpu_binding(spec: ServeSpec) -> str | None:
+    """On the CPU build, tensor × pipeline parallelism runs one vLLM worker process per rank. vLLM binds each
+    to a NUMA node of its own by default, so on a one-node machine the ranks split its cores instead:
+    the value of VLLM_CPU_OMP_THREADS_BIND ("0-3|4-7"), None for one rank or a Ray cluster."""
+    if spec.devices_used == 1 or spec.ray_address is not None:
+        return None
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < spec.devices_used:
+        raise ApplianceError(
+            f"--tensor-parallel-size {spec.tensor_parallel_size} × --pipeline-parallel-size {spec.pipeline_parallel_size} "
+            f"runs {spec.devices_used} vLLM workers on the CPU; this machine lets it use {len(cores)} cores.",
+            "lower them to the cores here, or serve on a GPU",
+        )
+    share = len(cores) // spec.devices_used
+    groups = [cores[rank * share:(rank + 1) * share] for rank in range(spec.devices_used)]
+    return "|".join(f"{group[0]}-{group[-1]}" if len(group) > 1 else str(group[0]) for group in groups)
+
+
 def fit_to_gpu(spec: ServeSpec) -> None:
     """Settle the share of the card vLLM takes and whether it quantizes, from what the driver reports now."""
     from appliance.hardware import nvidia_smi_gpus
@@ -314,6 +333,9 @@ def vllm_env(spec: ServeSpec) -> dict[str, str]:
         env["RAY_ADDRESS"] = spec.ray_address  # vLLM joins this cluster instead of starting its own
     if not spec.on_gpu:
         env["VLLM_CPU_KVCACHE_SPACE"] = os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")
+        binding = os.environ.get("VLLM_CPU_OMP_THREADS_BIND") or cpu_binding(spec)
+        if binding:
+            env["VLLM_CPU_OMP_THREADS_BIND"] = binding
     if spec.lora_enabled:
         # Enables /v1/load_lora_adapter and /v1/unload_lora_adapter: domains switch without a restart.
         # vLLM calls this risky on an exposed server, so we bind to 127.0.0.1 and require the API key.
