@@ -77,15 +77,15 @@ def bench_train(model, shape, data, seq_len, steps, batch_size, rank, sets, rows
 
 
 def _finish(kind: str, payload: dict, *, save: bool, as_json: bool, show: Callable[[str | None], None],
-            measure: Callable[[dict], list[dict]] = lambda env: []) -> None:
-    """Every benchmark's end: with --save, write bench/results/<kind>-… (and the planner's measurements),
-    then print the payload as JSON or through `show`, which gets the saved file's path."""
+            measure: Callable[[dict], list[dict]] = lambda env: [], written: dict | None = None) -> None:
+    """Every benchmark's end: with --save, write bench/results/<kind>-… (`written`, else the payload, and the
+    planner's measurements), then print the payload as JSON or through `show`, which gets the saved file's path."""
     if save:
         from appliance.hardware import describe
         from appliance.results import save_result
 
         env = describe()
-        payload["saved"] = str(save_result(kind, payload, env, measure(env)))
+        payload["saved"] = str(save_result(kind, payload if written is None else written, env, measure(env)))
     if as_json:
         print_json(payload)
     else:
@@ -333,8 +333,6 @@ def bench_memory(shape, model, seq_len, rows, packed, rank, sets, save, as_json)
       appliance bench memory --shape smollm2-135m --seq-len 2048 --set model.mlp_tile_tokens=512
     """
     from appliance.errors import ApplianceError
-    from appliance.hardware import describe
-    from appliance.results import save_result
     from appliance.bench.memory import StepCase, measurements, run_memory_bench
 
     if bool(shape) == bool(model):
@@ -348,14 +346,9 @@ def bench_memory(shape, model, seq_len, rows, packed, rank, sets, save, as_json)
         cache=reg.store.root / "bench-cache" / "memory",
         progress=_progress(as_json),
     )
-    if save:  # the measurement only: tests compare it with the planner of their day
-        env = describe()
-        measured = {k: v for k, v in result.items() if k not in ("planner", "planner_misses")}
-        result["saved"] = str(save_result("memory", measured, env, measurements(result, env)))
-    if as_json:
-        print_json(result)
-    else:
-        show_memory(result)
+    measured = {k: v for k, v in result.items() if k not in ("planner", "planner_misses")}  # tests re-plan it with the planner of their day
+    _finish("memory", result, save=save, as_json=as_json, show=lambda saved: show_memory(result),
+            measure=lambda env: measurements(result, env), written=measured)
 
 
 def show_memory(result: dict) -> None:

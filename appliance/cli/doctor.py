@@ -34,26 +34,33 @@ def doctor(quick: bool, no_vllm: bool, python: str | None, save: bool, as_json: 
 
     python = python or sys.executable
     show = (lambda f: None) if as_json else _show
-    findings = machine_findings(registry().store, python)
-    for finding in findings:
-        show(finding)
+    findings = _shown(machine_findings(registry().store, python), show)  # before the path in miniature starts
     path = None if quick else _path_in_miniature(python, with_vllm=not no_vllm)
-    for finding in path.findings if path else []:
-        show(finding)
-    findings += path.findings if path else []
+    findings += _shown(path.findings, show) if path else []
     result = {"ok": all(f.ok for f in findings), "findings": [f.__dict__ for f in findings], "figures": path.figures if path else {}}
-    if save:  # on a GPU, the miniature run's peak memory becomes a measurement the planner is tested against
-        from appliance.doctor_run import measurements
-        from appliance.hardware import describe
-        from appliance.results import save_result
-
-        env = describe()
-        result["saved"] = str(save_result("doctor", result, env, measurements(result["figures"], env)))
+    if save:
+        result["saved"] = _save(result)
     if as_json:
         print_json(result)
     else:
         _verdict(findings, result)
     sys.exit(0 if result["ok"] else 1)
+
+
+def _shown(findings: list, show) -> list:
+    for finding in findings:
+        show(finding)
+    return list(findings)
+
+
+def _save(result: dict) -> str:
+    """bench/results/doctor-*.json; on a GPU the miniature run's peak memory is also a measurement the planner is tested against."""
+    from appliance.doctor_run import measurements
+    from appliance.hardware import describe
+    from appliance.results import save_result
+
+    env = describe()
+    return str(save_result("doctor", result, env, measurements(result["figures"], env)))
 
 
 def _path_in_miniature(python: str, with_vllm: bool):
