@@ -74,8 +74,6 @@ def list_(as_json: bool) -> None:
       appliance models list
       appliance models list --json
     """
-    from rich.table import Table
-
     from appliance import ui
 
     found = registry().models()
@@ -85,17 +83,23 @@ def list_(as_json: bool) -> None:
     if not found:
         ui.console.print("No models yet. Import one: [bold]appliance models import smollm2[/]")
         return
-    table = Table("name", "kind", "parameters", "dtype", "context", "chat template", "fingerprint")
-    for m in found:
-        r = _rows(m)
-        table.add_row(m.name, m.kind, r["parameters"], m.dtype, str(m.context_length), r["chat template"], m.fingerprint)
-    ui.console.print(table)
+    ui.console.print(_models_table(found))
     from appliance.cli.export import exports_table
     from appliance.export import list_exports
 
     exported = list_exports(registry())
     if exported:  # GGUF exports (`appliance exports --json` lists them for scripts)
         ui.console.print(exports_table(exported))
+
+
+def _models_table(found: list):
+    from rich.table import Table
+
+    table = Table("name", "kind", "parameters", "dtype", "context", "chat template", "fingerprint")
+    for m in found:
+        r = _rows(m)
+        table.add_row(m.name, m.kind, r["parameters"], m.dtype, str(m.context_length), r["chat template"], m.fingerprint)
+    return table
 
 
 @models.command("show")

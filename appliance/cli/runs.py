@@ -50,18 +50,21 @@ def list_(as_json) -> None:
     Example:
       appliance runs list
     """
-    from rich.table import Table
-
     from appliance import ui
     from appliance.runs import list_runs
 
     found = list_runs(registry())
     if as_json:
         print_json([r.summary() for r in found])
-        return
-    if not found:
+    elif not found:
         ui.console.print("No runs yet. Start one: [bold]appliance train --model M --data F --name N[/]")
-        return
+    else:
+        ui.console.print(_runs_table(found))
+
+
+def _runs_table(found: list):
+    from rich.table import Table
+
     table = Table("name", "status", "model", "recipe", "steps", "train loss", "best val loss", "started")
     for r in found:
         f = r.figures()
@@ -70,7 +73,7 @@ def list_(as_json) -> None:
             r.name, r.status, str(r.config.get("model", {}).get("name") or "-"), str(r.config.get("recipe") or "-"), str(f["steps"]),
             _number(f.get("train_loss")), f"{_number(best)} @ {f['best_val_loss_step']}" if best is not None else "-", r.started[:19],
         )
-    ui.console.print(table)
+    return table
 
 
 @runs.command()
@@ -128,16 +131,22 @@ def compare(names, as_json) -> None:
     Example:
       appliance runs compare facts facts-r8
     """
-    from rich.table import Table
-
-    from appliance import ui
     from appliance.runs import compare as compare_runs
     from appliance.runs import load_runs
 
     result = compare_runs(load_runs(registry(), names))
     if as_json:
         print_json({"runs": result.names, "figures": result.figures, "differences": result.differences})
-        return
+    else:
+        _show_comparison(result)
+
+
+def _show_comparison(result) -> None:
+    """Final and best figures side by side, then the settings that differ (for two runs or more)."""
+    from rich.table import Table
+
+    from appliance import ui
+
     figures = Table("figure", *result.names, title="figures", title_justify="left")
     for key, values in result.figures.items():
         figures.add_row(key, *(_number(v) for v in values))
