@@ -76,6 +76,7 @@ def measurements(figures: dict[str, Any], env: dict[str, Any]) -> list[dict[str,
     `appliance doctor --save` on a GPU owner's card is checked by tests/test_plan.py like any benchmark. None on a
     CPU (the planner models GPU memory), or for a GPU without a profile (measurements name their GPU's profile)."""
     from appliance.plan import find_gpu
+    from appliance.results import measurement
 
     qlora = figures.get("qlora")
     if not env["gpu"] or not qlora or qlora["device"] != "cuda":
@@ -84,17 +85,8 @@ def measurements(figures: dict[str, Any], env: dict[str, Any]) -> list[dict[str,
         gpu = find_gpu(env["gpu"]).name
     except ApplianceError:
         return []
-    return [{
-        "date": env["date"][:10],
-        "machine": f"{env['machine']['cpu']}, {env['gpu']}",
-        "gpu": gpu,
-        "versions": env["versions"],
-        "model": "doctor-tiny",
-        "loop": "appliance",
-        "settings": qlora["settings"],
-        "peak_gib": qlora["peak_gib"],
-        "notes": f"appliance doctor: {qlora['steps']} QLoRA steps on the doctor's random 2-layer LLaMA, demo data",
-    }]
+    return [measurement(env, gpu=gpu, model="doctor-tiny", loop="appliance", settings=qlora["settings"], peak_gib=qlora["peak_gib"],
+                        notes=f"appliance doctor: {qlora['steps']} QLoRA steps on the doctor's random 2-layer LLaMA, demo data")]
 
 
 def run_path(python: str, progress: Callable[[str], None] = lambda _: None, with_vllm: bool = True) -> PathRun:

@@ -32,3 +32,13 @@ def save_result(kind: str, payload: dict[str, Any], env: dict[str, Any], records
     return atomic_write_json(folder / f"{kind}-{device}-{stamp}.json", {**env, kind: payload, "measurements": list(records)})
 
 
+def measurement(env: dict[str, Any], *, gpu: str, model: str, loop: str, settings: dict[str, Any], peak_gib: float, notes: str,
+                tokens_per_s: float | None = None) -> dict[str, Any]:
+    """One measured GPU run as the planner reads it (bench/results/README.md, plan.Measurement), dated and
+    placed by `env` (hardware.describe())."""
+    record = {"date": env["date"][:10], "machine": f"{env['machine']['cpu']}, {env['gpu']}", "gpu": gpu, "versions": env["versions"],
+              "model": model, "loop": loop, "settings": settings, "peak_gib": peak_gib}
+    if tokens_per_s is not None:
+        record["tokens_per_s"] = tokens_per_s
+    return {**record, "notes": notes}
+

@@ -405,16 +405,8 @@ def measurements(result: dict[str, Any], env: dict[str, Any]) -> list[dict[str, 
     against (bench/results/README.md); a CPU measurement has its own file format and none."""
     if result["cuda_peak_gib"] is None:
         return []
-    return [
-        {
-            "date": env["date"][:10],
-            "machine": f"{env['machine']['cpu']}, {env['gpu']}",
-            "gpu": env["gpu"],
-            "versions": env["versions"],
-            "model": result["model"],
-            "loop": "appliance",
-            "settings": result["settings"],
-            "peak_gib": round(result["cuda_peak_gib"], 3),
-            "notes": f"appliance bench memory: one measured step, {result['case']['rows']} × {result['case']['seq_len']} tokens, random weights",
-        }
-    ]
+    from appliance.results import measurement
+
+    return [measurement(env, gpu=env["gpu"], model=result["model"], loop="appliance", settings=result["settings"],
+                        peak_gib=round(result["cuda_peak_gib"], 3),
+                        notes=f"appliance bench memory: one measured step, {result['case']['rows']} × {result['case']['seq_len']} tokens, random weights")]

@@ -320,6 +320,7 @@ def measurements(bench: TrainBench, env: dict) -> list[dict]:
     them by name.
     """
     from appliance.plan import find_gpu, find_model
+    from appliance.results import measurement
 
     if not env["gpu"]:
         return []
@@ -346,20 +347,8 @@ def measurements(bench: TrainBench, env: dict) -> list[dict]:
         }
         source = "random tokens" if s.data == "random tokens" else "data " + Path(s.data).name
         overrides = f"; ours with {', '.join(s.appliance_overrides)}" if loop == "appliance" and s.appliance_overrides else ""
-        out.append(
-            {
-                "date": env["date"][:10],
-                "machine": f"{env['machine']['cpu']}, {env['gpu']}",
-                "gpu": gpu,
-                "versions": env["versions"],
-                "model": model,
-                "loop": loop,
-                "settings": settings,
-                "peak_gib": result.peak_gib,
-                "tokens_per_s": result.useful_tok_per_s,
-                "notes": f"appliance bench train ({source}){overrides}",
-            }
-        )
+        out.append(measurement(env, gpu=gpu, model=model, loop=loop, settings=settings, peak_gib=result.peak_gib,
+                               tokens_per_s=result.useful_tok_per_s, notes=f"appliance bench train ({source}){overrides}"))
     return out
 
 
