@@ -153,14 +153,10 @@ def facts(smollm2_store, tmp_path_factory):
 def serve_for_test(registry, model, adapters=(), port=8123, api_key=None, **options):
     """A real vLLM server for `model` from `registry` (the product's own start_server); returns
     (server, endpoint). Stop it yourself."""
-    from appliance.serve import build_spec
-    from appliance.serve import Endpoint
-    from appliance.serve import start_server
-
-    from appliance.serve import free_port
+    from appliance.serve import Endpoint, build_spec, free_port, start_server
 
     spec = build_spec(registry, model, adapters, port=free_port(port), **options)
-    server = start_server(spec, registry.store.root / "logs" / f"test-{model}-{port}.log", api_key=api_key)
+    server = start_server(spec, registry.store.root / "logs" / f"test-{model}-{spec.port}.log", api_key=api_key)
     print(f"\nvLLM up in {server.healthy_s:.0f} s for {spec.served_names}")
     return server, Endpoint(spec.url, api_key)
 
