@@ -161,9 +161,10 @@ def train(name, recipe, config_file, sets, gpu, fit, resume, overwrite, as_json,
     """
 
     from appliance import ui
-    from appliance.train import Launch, launch_ranks
 
     cfg = checked_config(name, recipe, config_file, sets, flags)
+    from appliance.train import Launch, launch_ranks
+
     ranks = Launch(nproc_per_node, nnodes, node_rank, master_addr, master_port)
     # A rank runs this command without the launch flags; WORLD_SIZE tells it how many there are.
     cfg = fit_to_gpu(cfg, gpu, fit, data_parallel=int(os.environ.get("WORLD_SIZE", nproc_per_node * nnodes)))
