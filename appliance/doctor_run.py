@@ -24,6 +24,10 @@ STEPS = 5
 # 64 dimensions, a size every vLLM attention backend (CPU ones included) has a kernel for.
 TINY = {"hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1}
 PORT = 8190
+# Raw text cut into full blocks: every micro-batch is ROWS x SEQ_LEN tokens, exactly what the planner is
+# given, so a GPU's measured peak checks the planner (chat examples of the demo are shorter than any
+# seq_len and vary, so the planner's worst case would stand against a smaller step).
+SEQ_LEN, ROWS = 128, 4
 
 
 @dataclass
@@ -51,6 +55,25 @@ def tiny_llama(folder: Path) -> Path:
     LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+def miniature_config(folder: Path):
+    """The miniature run: continued pre-training of `doctor-tiny` on the demo's conversations as raw
+    text (three times over, written into `folder`), cut into full blocks for every step and validation."""
+    import json
+
+    from appliance.bench.train import demo_data
+    from appliance.config import load_run_config
+
+    lines = [json.loads(line) for line in demo_data().read_text(encoding="utf-8").splitlines() if line.strip()]
+    texts = [" ".join(m["content"] for m in line["messages"]) for line in lines]
+    text = folder / "text.jsonl"
+    text.write_text("".join(json.dumps({"text": t}) + "\n" for _ in range(3) for t in texts), encoding="utf-8")
+    return load_run_config("cpt", flags={
+        "model": {"name": "doctor-tiny"},
+        "data": {"files": [{"path": str(text)}], "seq_len": SEQ_LEN, "val": 2, "dedupe": False},
+        "train": {"steps": STEPS, "batch_size": ROWS, "lr": 1e-3, "save_every": 1000, "eval_every": 1000},
+    })
 
 
 def _planned_gib(model_dir: Path, gpu_name: str | None, cfg) -> float | None:
@@ -86,12 +109,11 @@ def measurements(figures: dict[str, Any], env: dict[str, Any]) -> list[dict[str,
     except ApplianceError:
         return []
     return [measurement(env, gpu=gpu, model="doctor-tiny", loop="appliance", settings=qlora["settings"], peak_gib=qlora["peak_gib"],
-                        notes=f"appliance doctor: {qlora['steps']} QLoRA steps on the doctor's random 2-layer LLaMA, demo data")]
+                        notes=f"appliance doctor: {qlora['steps']} QLoRA steps on the doctor's random 2-layer LLaMA, full {ROWS} x {SEQ_LEN} blocks of text")]
 
 
 def run_path(python: str, progress: Callable[[str], None] = lambda _: None, with_vllm: bool = True) -> PathRun:
     """Import, train, merge and serve the tiny model in a temporary store; a finding per step."""
-    from appliance.bench.train import demo_data
     from appliance.hardware import describe, detect, peak_memory_gib
     from appliance.registry import Registry
     from appliance.store import Store
@@ -108,14 +130,9 @@ def run_path(python: str, progress: Callable[[str], None] = lambda _: None, with
         if not run.ok:
             return run
 
-        from appliance.config import load_run_config
         from appliance.train import run_training
 
-        cfg = load_run_config("sft-qlora", flags={
-            "model": {"name": "doctor-tiny"},
-            "data": {"files": [{"path": str(demo_data())}], "val": 2},
-            "train": {"steps": STEPS, "batch_size": 4, "lr": 1e-3, "save_every": 1000, "eval_every": 1000},
-        })
+        cfg = miniature_config(Path(tmp))
         fix = ("on a GPU: reinstall so bitsandbytes and torch match this CUDA (make install), then `python -m bitsandbytes`"
                if hw.device == "cuda" else "reinstall: make install")
         with _step(run, "path-qlora", f"{STEPS} QLoRA steps (bitsandbytes NF4 + double quant, peft LoRA)", fix) as out:

@@ -114,16 +114,21 @@ def test_a_failing_step_of_the_path_is_a_finding_with_its_fix(tmp_path):
         assert not found[name]["ok"] and "vllm" in found[name]["fix"], found[name]
 
 
-def test_a_gpu_owners_doctor_run_is_saved_as_a_measurement_of_the_doctor_tiny_shape():
+def test_a_gpu_owners_doctor_run_is_saved_as_a_measurement_of_the_doctor_tiny_shape(tmp_path):
     """`appliance doctor --save` on a GPU: the miniature run's peak becomes a measurement that
     tests/test_plan.py checks the planner against; the shape it names is the model the doctor trains."""
-    from appliance.config import load_run_config
-    from appliance.doctor_run import TINY, _settings, measurements
+    from appliance.data import prepare
+    from appliance.doctor_run import ROWS, SEQ_LEN, STEPS, TINY, _settings, measurements, miniature_config, tiny_llama
+    from appliance.hf import load_tokenizer
     from appliance.plan import Measurement, estimate, find_gpu, find_model
 
     shape = find_model("doctor-tiny")
     assert {k: getattr(shape, k) for k in TINY} == TINY and shape.vocab_size == 49152  # SmolLM2's tokenizer
-    cfg = load_run_config("sft-qlora", flags={"model": {"name": "doctor-tiny"}, "train": {"batch_size": 4}})
+    cfg = miniature_config(tmp_path)
+    # Every block the 5 steps can draw is full: the settings recorded are the step that ran, not a worst case.
+    data = prepare(cfg.data, cfg.task, load_tokenizer(tiny_llama(tmp_path / "tiny")))
+    widths = sorted(len(e.item.input_ids) for e in data.train)
+    assert widths.count(SEQ_LEN) >= STEPS * ROWS and widths[-1] == SEQ_LEN and data.val, widths
     figures = {"qlora": {"steps": 5, "loss": 9.1, "peak_gib": 0.31, "planned_gib": 0.3, "device": "cuda", "settings": _settings(cfg, "cuda")}}
     env = {"date": "2026-11-29T12:00:00+00:00", "machine": {"cpu": "Ryzen 7"}, "gpu": "NVIDIA GeForce RTX 3060", "versions": {"torch": "2.9"}}
     [record] = measurements(figures, env)

@@ -161,7 +161,7 @@ def test_time_estimate_interpolates_between_measured_sizes():
     """Between the two measured peer points (1B and 8B on an H100), a 3B run is planned from both:
     its efficiency lies between theirs, placed by log FLOPs per token, and its speed between theirs."""
     gpu, settings = find_gpu("H100"), TrainSettings(seq_len=2048, batch_size=1)
-    measured = {m.model: m for m in load_measurements() if m.loop == "peer" and m.tokens_per_s and m.settings.load_in_4bit}
+    measured = {m.model: m for m in load_measurements() if m.loop == "peer" and m.gpu == gpu.name and m.tokens_per_s and m.settings.load_in_4bit}
     small, large = measured["llama-3.2-1b"], measured["llama-3.1-8b"]
 
     def efficiency(m):

@@ -16,7 +16,14 @@ DOUBLE_QUANT_BITS = 8 / 64 + 32 / (64 * 256)
 # AdamW keeps two states per trainable parameter: fp32, or 8-bit with one fp32 absmax per 256.
 OPTIMIZER_STATE_BYTES = {"adamw": 8.0, "adamw_8bit": 2 + 2 * 4 / 256, "paged_adamw_8bit": 2 + 2 * 4 / 256}
 # Mirrors appliance.metrics.lm.LOGITS_BUDGET_BYTES (that module imports torch; a test keeps them equal).
-LOGITS_BUDGET_BYTES = 256 * 2**20
+LOGITS_BUDGET_BYTES = 64 * 2**20
+# Inside PyTorch's allocator yet no tensor: the workspaces of cuBLAS (and cuBLASLt), one per thread
+# that runs matrix products (the step's and autograd's backward thread). Measured on an H200:
+# torch.cuda.max_memory_allocated() 1.508 GiB against 1.445 GiB of live tensors in the same step
+# (bench/results/memory-gpu-20261129-224229.json), the same 0.06 GiB that the doctor's tiny run and
+# the H100 peer figures were short of. PyTorch's default workspace is 32 MiB on Hopper and about
+# 8 MiB before it, so on consumer cards this errs by a few MiB on the safe side.
+CUBLAS_WORKSPACE_GIB = 0.0625
 # Outside PyTorch's allocator: the CUDA context, cuBLAS handles, the kernels of torch and bitsandbytes.
 CUDA_CONTEXT_GIB = 0.5
 # What the driver keeps of a consumer card's memory (RTX 3060: 12 → 11.75 GiB usable, RTX 3090:

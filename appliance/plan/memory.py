@@ -2,7 +2,7 @@
 
 Memory is modelled part by part for two training loops:
 - `appliance`, ours (appliance/train): frozen weights stay 16-bit (linear layers 4-bit),
-  and the loss never holds full logits: it computes them 256 MiB at a time, only at
+  and the loss never holds full logits: it computes them 64 MiB at a time, only at
   labelled positions (appliance/metrics/lm.py).
 - `peer`, the loop every tutorial writes (transformers + peft + bitsandbytes):
   `prepare_model_for_kbit_training` casts every weight that is not 4-bit (embeddings,
@@ -32,6 +32,7 @@ from appliance.plan.constants import (
     ALLOCATOR_SLACK,
     ATTENTION_MODULES,
     CPU_PROCESS_GIB,
+    CUBLAS_WORKSPACE_GIB,
     CUDA_CONTEXT_GIB,
     DOUBLE_QUANT_BITS,
     FIT_MARGIN,
@@ -352,6 +353,7 @@ def estimate(shape: ModelShape, gpu: GpuProfile, settings: TrainSettings, loop: 
     parts = dict(moments[moment])
     if gpu.device == "cuda":
         parts["cuda_context"] = Part(gib=CUDA_CONTEXT_GIB, allocated=False, what="CUDA context and kernels, outside PyTorch's allocator")
+        parts["cublas_workspace"] = Part(gib=CUBLAS_WORKSPACE_GIB, what="cuBLAS workspaces (the step's thread and backward's)")
     else:
         parts["process"] = Part(gib=CPU_PROCESS_GIB, allocated=False, what="the process: Python, torch, transformers, peft, bitsandbytes")
     parts["allocator_slack"] = Part(

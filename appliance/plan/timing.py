@@ -156,28 +156,34 @@ def calibrate(flops: float, gpu: GpuProfile, settings: TrainSettings, loop: Loop
 
     Preference: the same GPU (a share of peak does not carry across cards: the peer loop
     reached 11 % of an H100's, torchtune's compiled loop 67 % of an RTX 4090's, on the same
-    model), then the same loop, then the same weight precision. Between measured sizes the
-    efficiency is interpolated in log(FLOPs per token) (bigger matmuls use a GPU better);
-    outside them the nearest measured size's holds. The spread is what each other group of
-    runs that passes the same preferences (another tool, another card) would have given.
+    model), and on it the same loop; on a card without runs, the card whose compute per byte of
+    bandwidth is nearest, whatever loop ran there (our loop on an H200 spends most of a 1B
+    step launching kernels: 108 ms of GPU work in a 307 ms step, bench/results/
+    gpu-profile-20261129-223100.txt, a share of peak that says little of a 3060's); then the
+    same weight precision. Between measured sizes the efficiency is interpolated in
+    log(FLOPs per token) (bigger matmuls use a GPU better); outside them the nearest measured
+    size's holds. The spread is what each other group of runs that passes the same
+    preferences (another tool, another card) would have given.
     """
     def same_card(p: Point) -> bool:
         return _match(p.gpu.name, [gpu], GPU_WORDS) is not None
 
-    for keep in (same_card, lambda p: p.loop == loop, lambda p: p.settings.load_in_4bit == settings.load_in_4bit):
-        points = [p for p in points if keep(p)] or points
+    on_card = [p for p in points if same_card(p)]
+    if on_card:
+        points = [p for p in on_card if p.loop == loop] or on_card
+    points = [p for p in points if p.settings.load_in_4bit == settings.load_in_4bit] or points
     if not points:
         return None
     groups: dict[tuple[str, str], list[Point]] = {}
     for p in points:
         groups.setdefault((p.run, p.gpu.name), []).append(p)
 
-    def likeness(key: tuple[str, str]) -> tuple[bool, float]:
-        """Our loop first, then the card whose compute per byte of bandwidth is nearest this one's."""
+    def likeness(key: tuple[str, str]) -> tuple[float, bool]:
+        """The card whose compute per byte of bandwidth is nearest this one's, then our loop."""
         card = groups[key][0].gpu
         known = gpu.bandwidth_gbps and card.bandwidth_gbps and gpu.bf16_tflops
         distance = abs(math.log(card.bf16_tflops / card.bandwidth_gbps / (gpu.bf16_tflops / gpu.bandwidth_gbps))) if known else 0.0
-        return key[0] != f"{loop} loop", distance
+        return distance, key[0] != f"{loop} loop"
 
     best = min(groups, key=likeness)
     efficiency, used = _interpolate(groups[best], flops)
