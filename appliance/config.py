@@ -263,6 +263,13 @@ class GrpoSpec(Spec):
     max_new_tokens: int = Field(64, ge=1, description="longest sampled answer")
     temperature: float = Field(1.0, gt=0, description="sampling temperature of the answers")
     beta: float = Field(0.0, ge=0, description="KL penalty to the adapter-off reference (0: none, TRL's default; 0.04 in the paper)")
+    sampler: Literal["auto", "transformers", "vllm"] = Field(
+        "auto", description="what samples the answers: vllm (a server of the run's own, the policy loaded as an adapter each step), "
+        "transformers' generate, or auto: vllm on a GPU where it is installed"
+    )
+    vllm_gpu_memory_utilization: float = Field(
+        0.3, gt=0, lt=1, description="the share of the GPU the vLLM sampler takes; training keeps the rest (TRL's colocated default)"
+    )
 
     @model_validator(mode="after")
     def _reward(self) -> "GrpoSpec":

@@ -144,7 +144,7 @@ def sample(model: Any, tokenizer: Any, prompts: Sequence[list[int]], *, per_prom
     """`per_prompt` completions of each prompt from the model (left-padded batch, no gradient)."""
     import torch
 
-    stops = [i for i in {tokenizer.eos_token_id, *([tokenizer.convert_tokens_to_ids(t) for t in _end_tokens(tokenizer)])} if isinstance(i, int) and i >= 0]
+    stops = stop_ids(tokenizer)
     rows = [(i, p) for i, p in enumerate(prompts) for _ in range(per_prompt)]
     width = max(len(p) for _, p in rows)
     pad = tokenizer.pad_token_id
@@ -164,6 +164,12 @@ def sample(model: Any, tokenizer: Any, prompts: Sequence[list[int]], *, per_prom
         completion = row[:end]
         sampled.append(Sampled(index, completion, tokenizer.decode(completion, skip_special_tokens=True).strip()))
     return sampled
+
+
+def stop_ids(tokenizer: Any) -> list[int]:
+    """The tokens that end an answer: end of text, and the template's end of turn."""
+    ids = {tokenizer.eos_token_id, *(tokenizer.convert_tokens_to_ids(t) for t in _end_tokens(tokenizer))}
+    return sorted(i for i in ids if isinstance(i, int) and i >= 0)
 
 
 def _end_tokens(tokenizer: Any) -> list[str]:

@@ -1,7 +1,7 @@
 """GRPO (Shao et al. 2024, DeepSeekMath): reinforcement learning from reward functions, on the shared loop.
 
 A micro-batch is a set of prompts. For each, `group_size` answers are sampled from the policy as it
-is now (transformers' generate, no gradient); the user's reward functions score each answer, and an
+is now (transformers' generate, no gradient; or vLLM, appliance.train.vllm_sampler); the user's reward functions score each answer, and an
 answer's advantage is its reward minus its group's mean, over the group's standard deviation. The
 loss is the policy gradient of that advantage, each answer's tokens averaged (the paper's
 normalisation), with an optional KL penalty to the adapter-off reference (the k3 estimator, per
@@ -34,6 +34,7 @@ class GroupRelativeObjective(Objective):
         super().__init__(pad_id, packing)
         self.spec, self.tokenizer = spec, tokenizer
         self.rewards = load_rewards(spec.reward_file)
+        self.sampler = None  # a VllmSampler when vLLM draws the answers (appliance.train.vllm_sampler)
         # Prompts by key: a batch carries keys (tensors only travel to the device), the texts stay here.
         self._prompts: dict[int, Any] = {}
         self._next_key = 0
@@ -55,8 +56,11 @@ class GroupRelativeObjective(Objective):
         prompts, group = self._prompts_of(tensors), self.spec.group_size
         for key in tensors["prompt_keys"].tolist():
             del self._prompts[key]  # a training batch is used once
-        sampled = sample(model, self.tokenizer, [p.input_ids for p in prompts], per_prompt=group,
-                         max_new_tokens=self.spec.max_new_tokens, temperature=self.spec.temperature)
+        how = {"per_prompt": group, "max_new_tokens": self.spec.max_new_tokens, "temperature": self.spec.temperature}
+        if self.sampler is not None:
+            sampled, sampler_logprobs = self.sampler.sample(model, self.tokenizer, [p.input_ids for p in prompts], **how)
+        else:
+            sampled, sampler_logprobs = sample(model, self.tokenizer, [p.input_ids for p in prompts], **how), None
         rewards = self._rewards(prompts, sampled).view(len(prompts), group)
         advantages = ((rewards - rewards.mean(1, keepdim=True)) / (rewards.std(1, keepdim=True) + 1e-4)).flatten()
         sequences = [TokenizedExample(prompts[s.prompt_index].input_ids + s.ids, [IGNORE_INDEX] * len(prompts[s.prompt_index].input_ids) + s.ids)
@@ -76,6 +80,11 @@ class GroupRelativeObjective(Objective):
             figures["kl"] = float(kl.detach().mean())
         n = len(sampled)
         counts = sequence_token_counts(batch, n)
+        if sampler_logprobs is not None:
+            # Per answer token, how far the sampler's log-probability is from the policy's own.
+            policy = torch.zeros(n, device=logp.device).index_add(0, segment, logp.detach().float())
+            served = torch.tensor([sum(x) for x in sampler_logprobs], device=logp.device)
+            figures["sampler_logprob_gap"] = float(((policy - served).abs() / counts.clamp_min(1)).mean())
         loss = (torch.zeros(n, device=logp.device).index_add(0, segment, per_token) / counts.clamp_min(1)).sum()
         figures.update({
             "reward": float(rewards.mean()),
@@ -83,6 +92,10 @@ class GroupRelativeObjective(Objective):
             "completion_tokens": float(sum(len(s.ids) for s in sampled) / n),
         })
         return loss, figures
+
+    def close(self) -> None:
+        if self.sampler is not None:
+            self.sampler.close()
 
     @torch.no_grad()
     def evaluate(self, model: Any, batches: Sequence[Batch], device: str) -> dict[str, float]:

@@ -7,6 +7,7 @@ k and resumed takes exactly the steps an uninterrupted run takes (signals: train
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import signal
@@ -87,6 +88,21 @@ class TrainingRun:
         distributed.barrier(self.ranks)
         data, pad_id = self.load_data(model_dir)
         self.build(model_dir, data, pad_id)
+        if self.cfg.task == "grpo":
+            self.attach_sampler()
+
+    def attach_sampler(self) -> None:
+        """GRPO's answers from vLLM where grpo.sampler says so (auto: on a GPU where vLLM is installed)."""
+        from appliance.train.vllm_sampler import VllmSampler, resolve_sampler
+
+        cfg = self.cfg
+        if resolve_sampler(cfg.grpo.sampler, cfg.lora, self.device, self.ranks.world) != "vllm":
+            return
+        self.write_serving_base()
+        self.objective.sampler = VllmSampler(self.registry, self.model_manifest.name, self.serving_folder(), rank=cfg.lora.rank,
+                                             max_model_len=cfg.data.seq_len + cfg.grpo.max_new_tokens,
+                                             gpu_share=cfg.grpo.vllm_gpu_memory_utilization, workdir=self.run_dir / "sampler")
+        self.emit(Note("GRPO's answers are sampled by vLLM (a server of this run's own, started at the first step)"))
 
     def resolve_model(self) -> Path:
         """The base's folder in the store (a language model, not a classifier)."""
@@ -466,7 +482,7 @@ class TrainingRun:
         )
         if self.cfg.train.unfreeze is None:
             self.emit(PhaseChanged(self.state.step, "all adapter layers", trainable))
-        with StopSignals() as signals:
+        with StopSignals() as signals, contextlib.closing(self.objective):
             stopped_early = self.train(signals)
             metrics = {}
             last_train = next((h for h in reversed(self.history) if "loss" in h), None)

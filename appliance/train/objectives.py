@@ -45,6 +45,9 @@ class Objective:
         mean = mean_token_loss(model, batches, device)
         return {"val_loss": mean, "val_ppl": perplexity(mean)}
 
+    def close(self) -> None:
+        """Release what the objective started (GRPO's vLLM server); the run calls it however it ends."""
+
 
 def _to(batch: Batch, device: str) -> dict[str, torch.Tensor]:
     return {k: v.to(device) for k, v in batch.tensors.items()}
