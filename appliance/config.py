@@ -200,6 +200,10 @@ class TrainSpec(Spec):
     keep_checkpoints: int = Field(2, ge=1, description="newest checkpoints kept (plus the best one)")
     early_stopping_patience: int = Field(0, ge=0, description="stop after N evaluations without improvement (0: off)")
     device: Literal["auto", "cuda", "cpu"] = Field("auto", description="where to train")
+    fsdp: bool = Field(
+        False, description="under torchrun, shard the frozen base across the ranks (FSDP2): each holds 1/N of it, "
+        "the adapter stays whole on every rank (--fsdp)"
+    )
     unfreeze: "UnfreezeSpec | None" = Field(None, description="gradual unfreezing (ULMFiT): top layers first")
     report_to: list[Literal["tensorboard", "mlflow", "wandb"]] = Field(
         default_factory=list, description="experiment trackers that also get every metric and the config (appliance/track.py)"

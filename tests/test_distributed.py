@@ -66,6 +66,29 @@ def test_two_ranks_of_batch_4_follow_one_process_of_batch_8_and_leave_an_ordinar
     assert store.model("two-merged").parity.evaluated.top1_agreement >= store.model("two-merged").parity.gate_min_top1
 
 
+def test_fsdp_shards_the_base_between_the_ranks_and_follows_the_same_curve(tiny):
+    """--fsdp: each of 2 ranks holds half of the base (FSDP2 over gloo, 4-bit weights included) and the
+    run follows one process's curve as closely as data-parallel does; the adapter saved is an ordinary one."""
+    import re
+
+    one = run_cli("train", *COMMON, "--name", "one", "--batch-size", "8", env=ONE_BY_TWO)
+    assert one.returncode == 0, one.stdout[-2000:] + one.stderr[-2000:]
+    sharded = run_cli("train", *COMMON, "--name", "sharded", "--batch-size", "4", "--nproc-per-node", "2", "--fsdp", env=ONE_BY_TWO)
+    assert sharded.returncode == 0, sharded.stdout[-2000:] + sharded.stderr[-2000:]
+    held, whole = map(float, re.search(r"this rank holds ([\d.]+) of its layers' ([\d.]+) MiB", " ".join(sharded.stdout.split())).groups())
+    assert 0.45 < held / whole < 0.55, (held, whole)
+    one_curve, sharded_curve = _losses(tiny, "one"), _losses(tiny, "sharded")
+    assert sorted(one_curve) == sorted(sharded_curve) == list(range(1, STEPS + 1))
+    for step in one_curve:
+        assert sharded_curve[step] == pytest.approx(one_curve[step], rel=1e-3), (step, one_curve, sharded_curve)
+    assert tiny.adapter("sharded").rank == tiny.adapter("one").rank
+
+
+def test_fsdp_needs_several_processes(tiny):
+    result = run_cli("train", *COMMON, "--name", "alone", "--fsdp")
+    assert result.returncode == 2 and "--nproc-per-node 2" in result.stdout + result.stderr and "Traceback" not in result.stderr
+
+
 def _rank_processes(launcher: subprocess.Popen) -> dict[int, psutil.Process]:
     found = {}
     for child in psutil.Process(launcher.pid).children(recursive=True):

@@ -50,6 +50,7 @@ FLAG_SETTINGS = {
     "grad_accum": "train.grad_accum",
     "val": "data.val",
     "seed": "train.seed",
+    "fsdp": "train.fsdp",
     "save_every": "train.save_every",
     "eval_every": "train.eval_every",
     "layers": "lora.layers",
@@ -137,6 +138,8 @@ def data_options(fn):
 )
 @click.option("--nproc-per-node", type=click.IntRange(min=1), default=1, show_default=True,
               help="data-parallel processes on this machine, one per GPU (started with PyTorch's torchrun launcher)")
+@click.option("--fsdp", is_flag=True, default=None,
+              help="with --nproc-per-node: shard the frozen 4-bit base across the processes (FSDP2), for a base too large for one card")
 @click.option("--nnodes", type=click.IntRange(min=1), default=1, show_default=True, help="machines in the run (each runs this command)")
 @click.option("--node-rank", type=click.IntRange(min=0), default=0, show_default=True, help="this machine's place among them, from 0")
 @click.option("--master-addr", default="127.0.0.1", show_default=True, help="the address of node 0, the same on every machine")
@@ -153,8 +156,10 @@ def train(name, recipe, config_file, sets, gpu, fit, resume, overwrite, as_json,
       appliance train --model smollm2 --data facts.jsonl --name facts --set lora.dropout=0.1 --resume
       appliance train --model smollm2 --data facts.jsonl --name facts --report-to tensorboard --report-to mlflow
       appliance train --model smollm2 --data facts.jsonl --name facts --nproc-per-node 2
+      appliance train --model llama-3.1-70b --data facts.jsonl --name facts --nproc-per-node 4 --fsdp
     With --nproc-per-node N the same run trains data-parallel on N processes (each its own GPU,
     or CPU processes over gloo); --batch-size is per process, so a step sees N times as many examples.
+    --fsdp also shards the frozen base between them: each holds 1/N of it.
     The run is planned first (`appliance plan`): one that will not fit the GPU is refused
     with the plan's advice, or with --fit changed as little as fits.
     Ctrl-C saves a checkpoint and exits 130; the same command with --resume continues.

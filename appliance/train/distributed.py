@@ -10,6 +10,13 @@ rank is divided by the tokens of the whole global batch, so the summed gradient 
 single process would get from the same global batch. Rank 0 alone draws the dashboard and
 writes metrics, checkpoints and the adapter.
 
+With `--fsdp` the frozen base is also sharded between the ranks (PyTorch's FSDP2, `fully_shard`
+on each decoder layer and the whole model): each rank keeps 1/N of every base weight, 4-bit ones
+included, and a layer's weights are gathered for its forward and backward only (bitsandbytes puts a
+gathered 4-bit weight's quantization state back from its module). The adapter is left out of the
+sharding: it stays whole on every rank and its gradients are summed as above, so the optimizer,
+checkpoints, exact resume and the saved adapter are the data-parallel ones.
+
 On a GPU the ranks talk over NCCL, on a CPU over gloo (how the tests run it).
 """
 
@@ -109,6 +116,38 @@ def sum_gradients(ranks: Ranks, params: list[Any]) -> None:
         n = g.numel()
         p.grad = flat[offset : offset + n].view_as(g).to(p.dtype)
         offset += n
+
+
+def shard_base(model: Any, ranks: Ranks) -> tuple[float, float]:
+    """Shard the frozen weights of the decoder layers between the ranks, the adapter left whole;
+    returns (MiB of the layers' frozen weights this rank holds, MiB of them in all).
+
+    Only the layers: they hold nearly all of a large base, and the loss reads the embeddings and
+    the output head directly (appliance.metrics.lm), outside any module's forward that would gather them."""
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+
+    layers = _decoder_layers(model)
+    trainable = {p for p in model.parameters() if p.requires_grad}
+
+    def frozen_bytes(local: bool) -> int:
+        params = [p for layer in layers for p in layer.parameters() if not p.requires_grad]
+        return sum((p.to_local() if local and isinstance(p, DTensor) else p).numel() * p.element_size() for p in params)
+
+    whole = frozen_bytes(local=False)
+    for layer in layers:
+        fully_shard(layer, ignored_params=trainable & set(layer.parameters()))
+    return frozen_bytes(local=True) / 2**20, whole / 2**20
+
+
+def _decoder_layers(model: Any) -> list[Any]:
+    """The repeated blocks of a transformers model (model.model.layers under peft's wrappers)."""
+    import torch
+
+    lists = [m for name, m in model.named_modules() if name.endswith("layers") and isinstance(m, torch.nn.ModuleList)]
+    if not lists:
+        raise ApplianceError("--fsdp found no decoder layers to shard in this model.", "train it without --fsdp")
+    return list(lists[0])
 
 
 def gather(ranks: Ranks, obj: Any) -> list[Any]:

@@ -77,6 +77,12 @@ class TrainingRun:
 
     def setup(self) -> None:
         """Model, data, optimizer: everything the loop needs, on this object."""
+        if self.cfg.train.fsdp and not self.ranks.distributed:
+            raise ApplianceError("--fsdp shards the base between processes, and this run has one.",
+                                 "add --nproc-per-node 2 (or more), or drop --fsdp")
+        if self.cfg.train.fsdp and self.cfg.task == "grpo":
+            raise ApplianceError("GRPO samples answers of different lengths on each rank, which a sharded base cannot serve.",
+                                 "train GRPO without --fsdp (data-parallel: every rank holds the base)")
         distributed.start(self.ranks, resolve_device(self.cfg.train.device, detect()))
         adapter_exists = (self.adapter_dir / MANIFEST).is_file()
         self.overwrite = self.folder.check_start(self.adapter_name, adapter_exists, resume=self.resume, overwrite=self.overwrite)
@@ -180,6 +186,9 @@ class TrainingRun:
             self.emit(Note(initialise_adapter(model, cfg.lora, self.model_dir, self.initial_adapter, write=self.ranks.main)))
         if cfg.train.neftune_noise_alpha:
             add_neftune(model, cfg.train.neftune_noise_alpha)
+        if cfg.train.fsdp:
+            held, whole = distributed.shard_base(model, self.ranks)
+            self.emit(Note(f"the base is sharded between {self.ranks.world} ranks (FSDP): this rank holds {held:.4g} of its layers' {whole:.4g} MiB"))
         return model
 
     def on_step_start(self) -> None:
@@ -305,10 +314,16 @@ class TrainingRun:
             group["lr"] = group.get("initial_lr", t.lr) * factor
         loss_total, stats_total = 0.0, {}
         for batch in micro:
+            weight = 1.0
             if batch is None:
-                continue
+                if not self.cfg.train.fsdp:
+                    continue
+                # A sharded base gathers each layer's weights with every rank: this rank, with no example
+                # in this micro-batch, runs one that counts for nothing.
+                batch, weight = self.objective.collate([self.data.train[0].item]), 0.0
             tensors = {k: v.to(self.device) for k, v in batch.tensors.items()}
             loss_sum, stats = self.objective.loss_sum(self.model, tensors)
+            loss_sum = loss_sum * weight
             loss = loss_sum / units
             (self.scaler.scale(loss) if self.scaler else loss).backward()
             loss_total += float(loss_sum.detach())
