@@ -416,3 +416,19 @@ def test_data_parallel_plans_each_gpu_as_one_card_plus_the_all_reduce_and_says_t
     assert any("2 GPUs data-parallel" in c and "not measured" in c for c in two["time"]["calibration"]["caveats"])
     table = run_cli("plan", "--model", "llama-3.1-8b", "--gpu", "4090", "--gpus", "2")
     assert table.returncode == 0 and "per GPU of 2 (torchrun, data-parallel)" in " ".join(table.stdout.split())
+
+
+def test_fsdp_plans_a_share_of_the_layers_per_gpu_and_a_load_of_the_whole_base():
+    """--fsdp: each GPU keeps 1/N of the layers' 4-bit weights plus two layers whole (the one computing
+    and the one prefetched), but every rank loads the whole 4-bit base before sharding it, and a plan
+    that cannot load does not fit, however small its step."""
+    two = json.loads(run_cli("plan", "--model", "llama-3.1-8b", "--gpu", "4090", "--gpus", "2", "--json").stdout)
+    sharded = json.loads(run_cli("plan", "--model", "llama-3.1-8b", "--gpu", "4090", "--gpus", "2", "--fsdp", "--json").stdout)
+    whole, layers = two["parts"]["linear_weights"], find_model("llama-3.1-8b").num_hidden_layers
+    assert sharded["parts"]["linear_weights"] == pytest.approx(whole / 2 + 2 * whole / layers, rel=1e-3)
+    assert sharded["load_gib"] >= whole + two["parts"]["kept_weights"] and sharded["fits"]
+    shape, gpu = find_model("llama-3.1-70b"), find_gpu("RTX 4090")
+    tight = estimate(shape, gpu, TrainSettings(seq_len=128, batch_size=1, data_parallel=8, fsdp=True, rank=8))
+    assert tight.total_gib < gpu.usable_gib and tight.load_gib > gpu.usable_gib and not tight.fits
+    alone = run_cli("plan", "--model", "llama-3.1-8b", "--gpu", "4090", "--fsdp")
+    assert alone.returncode == 2 and "--gpus 2" in alone.stdout + alone.stderr

@@ -28,8 +28,9 @@ DEFAULT_STEPS = 1000  # for the time estimate when the recipe counts epochs
               help="peer: the plain transformers + peft + bitsandbytes loop, for comparison")
 @click.option("--gpus", type=click.IntRange(1), default=1, show_default=True,
               help="train on this many such GPUs under torchrun (data-parallel: memory is per GPU, --batch-size per GPU)")
+@click.option("--fsdp", is_flag=True, help="with --gpus N: the base's layers sharded between the GPUs (appliance train --fsdp)")
 @json_option
-def plan(model, gpu, gpu_memory, recipe, config_file, sets, seq_len, batch_size, rank, steps, sixteen_bit, loop, gpus, as_json) -> None:
+def plan(model, gpu, gpu_memory, recipe, config_file, sets, seq_len, batch_size, rank, steps, sixteen_bit, loop, gpus, fsdp, as_json) -> None:
     """Memory by part, fits or not, the longest sequence and batch that fit, time, and advice.
 
     Nothing is loaded: a store model is planned from its config.json, any other from its
@@ -44,11 +45,13 @@ def plan(model, gpu, gpu_memory, recipe, config_file, sets, seq_len, batch_size,
       appliance plan --model ./Llama-3.3-70B-Instruct/config.json --gpu-memory 48
       appliance plan --model smollm2 --gpu cpu
       appliance plan --model llama-3.1-8b --gpu 4090 --gpus 2
+      appliance plan --model llama-3.1-70b --gpu 4090 --gpus 4 --fsdp
 
     With --gpus N the plan is for each of N GPUs training data-parallel (DDP, `appliance train
     --nproc-per-node N`): each holds the whole 4-bit base, so memory per GPU is one card's plus the
-    all-reduce buffer, and a step takes N times the examples. A base too large for one card would
-    need FSDP, which `appliance train` does not do yet.
+    all-reduce buffer, and a step takes N times the examples. With --fsdp as well each GPU holds
+    1/N of the layers (and two whole while they compute), but loading still puts the whole 4-bit
+    base on each GPU before it is sharded: that too must fit.
     """
     from appliance.cli.train import flag_overrides
     from appliance.config import load_run_config
@@ -64,7 +67,9 @@ def plan(model, gpu, gpu_memory, recipe, config_file, sets, seq_len, batch_size,
     cfg = load_run_config(recipe, config_file, sets, flags)
     shape = find_model(model, registry())
     target = gpu_with_memory(gpu_memory) if gpu_memory else find_gpu(gpu) if gpu else detected_gpu() or cpu_profile()
-    settings = settings_from_config(cfg, target.device).model_copy(update={"data_parallel": gpus})
+    if fsdp and gpus < 2:
+        raise ApplianceError("--fsdp shards the base between GPUs, and the plan has one.", "add --gpus 2 (or more), or drop --fsdp")
+    settings = settings_from_config(cfg, target.device).model_copy(update={"data_parallel": gpus, "fsdp": fsdp or cfg.train.fsdp})
     result = make_plan(shape, target, settings, cfg.train.steps or DEFAULT_STEPS, loop=loop)
     if as_json:
         print_json(result.to_json())
@@ -82,7 +87,7 @@ def show(result) -> None:
     title = (
         f"{e.model} on {e.gpu} ({e.gpu_gib:g} GiB usable of {e.nominal_gib:g}) · {precision} · seq {s.seq_len} × batch {s.batch_size} · "
         f"r{s.rank} · checkpointing {'on' if s.gradient_checkpointing else 'off'} · {e.loop} loop"
-        + (f" · per GPU of {s.data_parallel} (torchrun, data-parallel)" if s.data_parallel > 1 else "")
+        + (f" · per GPU of {s.data_parallel} (torchrun, {'FSDP' if s.fsdp else 'data-parallel'})" if s.data_parallel > 1 else "")
     )
     table = Table(title=title, title_justify="left", show_footer=True)
     table.add_column("part", footer="total")
@@ -101,6 +106,10 @@ def show(result) -> None:
     else:
         verdict = f"[red]does not fit[/]: {e.total_gib:.2f} of the {e.gpu_gib:g} GiB {where}"
     ui.console.print(f"{verdict} ({e.nominal_gib:g} GiB {'in all' if on_cpu else 'on the box'})")
+    if e.load_gib:
+        fits_load = e.load_gib <= e.gpu_gib - e.margin_gib
+        ui.console.print(f"{'[green]loads[/]' if fits_load else '[red]does not load[/]'}: every GPU holds the whole 4-bit base "
+                         f"({e.load_gib:.2f} GiB) for a moment before it is sharded")
     weights = e.parts["linear_weights"].gib + e.parts["kept_weights"].gib
     if weights > e.gpu_gib:
         ui.warn(f"the model's weights alone take {weights:.2f} GiB, more than the {e.gpu_gib:g} GiB usable: no setting makes it fit; "

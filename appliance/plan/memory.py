@@ -221,10 +221,12 @@ class Estimate(BaseModel):
         """What must stay free for a plan to count as fitting (FIT_MARGIN of the usable memory)."""
         return FIT_MARGIN * self.gpu_gib
 
+    load_gib: float = Field(0.0, description="what loading needs on each GPU at once: under FSDP every rank loads the whole 4-bit base, then shards it")
+
     @computed_field
     @property
     def fits(self) -> bool:
-        return self.total_gib <= self.gpu_gib - self.margin_gib
+        return max(self.total_gib, self.load_gib) <= self.gpu_gib - self.margin_gib
 
 
 def estimate(shape: ModelShape, gpu: GpuProfile, settings: TrainSettings, loop: Loop = "appliance") -> Estimate:
@@ -247,6 +249,15 @@ def estimate(shape: ModelShape, gpu: GpuProfile, settings: TrainSettings, loop: 
         static["linear_weights"] = Part(gib=linear * bits / 8 / GIB, what=f"linear layers in 4-bit NF4 + {quant}")
     else:
         static["linear_weights"] = Part(gib=2 * linear / GIB, what="linear layers in 16-bit")
+    whole_linear = static["linear_weights"].gib
+    if s.fsdp and s.data_parallel > 1:
+        # Each GPU keeps 1/N of every layer; a layer's weights are gathered whole for its forward and
+        # backward, and FSDP prefetches the next one's meanwhile: two layers whole at a time.
+        per_layer = whole_linear / layers
+        static["linear_weights"] = Part(
+            gib=whole_linear / s.data_parallel + 2 * per_layer,
+            what=f"{static['linear_weights'].what}, sharded between {s.data_parallel} GPUs (FSDP), two layers gathered whole",
+        )
     kept_dtype = "fp32 (prepare_model_for_kbit_training casts them)" if a == 4 else "bf16"
     head = "" if shape.tie_word_embeddings else ", head"
     static["kept_weights"] = Part(gib=a * _kept_parameters(shape) / GIB, what=f"embeddings{head}, norms in {kept_dtype}")
@@ -371,6 +382,8 @@ def estimate(shape: ModelShape, gpu: GpuProfile, settings: TrainSettings, loop: 
         gpu_gib=gpu.usable,
         nominal_gib=gpu.vram_gib,
         held_gib=gpu.held_gib,
+        load_gib=(whole_linear + static["kept_weights"].gib + static["lora_weights"].gib + (CUDA_CONTEXT_GIB if gpu.device == "cuda" else 0.0))
+        if s.fsdp and s.data_parallel > 1 else 0.0,
     )
 
 

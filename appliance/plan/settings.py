@@ -40,6 +40,7 @@ class TrainSettings(BaseModel):
     optimizer: Optimizer = Field("paged_adamw_8bit", description="what train.optimizer 'auto' picks on CUDA")
     group_size: int | None = Field(None, ge=2, description="grpo: answers sampled per prompt (each a sequence in the step)")
     data_parallel: int = Field(1, ge=1, description="torchrun ranks, a GPU each; each holds the whole 4-bit base (DDP), batch_size is per rank")
+    fsdp: bool = Field(False, description="with data_parallel > 1: the decoder layers' frozen weights sharded between the GPUs (FSDP2)")
     packed: bool | None = Field(
         None,
         description="rows hold several examples or end in padding, so transformers builds a (rows, 1, W, W) attention mask; "
@@ -63,6 +64,7 @@ CONFIG_PATHS = {
     "offload_activations": "model.offload_activations",
     "mlp_tile_tokens": "model.mlp_tile_tokens",
     "optimizer": "train.optimizer",
+    "fsdp": "train.fsdp",
 }
 
 

@@ -234,7 +234,8 @@ def estimate_time(
         mib = 4 * lora_parameters(shape, settings) / 2**20
         calibration = calibration.model_copy(update={"caveats": [*calibration.caveats,
             f"{settings.data_parallel} GPUs data-parallel: assumed {settings.data_parallel}× one GPU's speed; "
-            f"the all-reduce of {mib:.0f} MiB of gradients a step is not measured"]})
+            f"the all-reduce of {mib:.0f} MiB of gradients a step is not measured"
+            + (" nor FSDP's gathering of every layer's weights, twice a step" if settings.fsdp else "")]})
     return TimeEstimate(
         tokens_per_s=tokens_per_s,
         tokens_per_s_range=(rate * calibration.spread[0] * settings.data_parallel, rate * calibration.spread[1] * settings.data_parallel),
