@@ -319,6 +319,9 @@ class RunConfig(Spec):
             raise ValueError("lora.init=loftq corrects what 4-bit quantization lost; a 16-bit base lost nothing (drop it, or load in 4-bit)")
         if self.data.replay is not None and self.task == "classify":
             raise ValueError("data.replay mixes general data into generation tasks; it does not apply to classify")
+        if self.train.fsdp and self.task == "grpo":
+            raise ValueError("train.fsdp gathers the base's layers with every rank at once, and GRPO samples answers of a different "
+                             "length on each; train GRPO data-parallel (without --fsdp)")
         return self
 
     def to_yaml(self) -> str:

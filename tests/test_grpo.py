@@ -67,6 +67,7 @@ def test_grpo_samples_through_vllm_from_the_policy_as_it_trains(store, smollm2_s
 
     from appliance.doctor_run import tiny_llama
     from appliance.models import import_model
+    from appliance.serve import grpo_sampler
 
     import_model(str(tiny_llama(tmp_path / "tiny")), store, name="tiny")  # heads of 64: vLLM's CPU attention has no 16
     cfg = load_run_config("grpo", flags={
@@ -75,7 +76,7 @@ def test_grpo_samples_through_vllm_from_the_policy_as_it_trains(store, smollm2_s
         "grpo": {"reward_file": str(DATA / "brevity_rewards.py"), "max_new_tokens": 16, "sampler": "vllm", "beta": 0.04},
         "train": {"steps": 2, "batch_size": 2, "grad_accum": 1, "lr": 0.05, "save_every": 100, "eval_every": 100},
     })
-    result = run_training(cfg, store, "sampled-by-vllm")
+    result = run_training(cfg, store, "sampled-by-vllm", sampler_for=grpo_sampler)
     steps = [m for m in (json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()) if "loss" in m]
     # Measured: gaps of 0.0003 nats per token at both steps, while at step 2 the policy is 0.04 (KL per
     # token) from the base, which a sampler serving the base or step 1's adapter (the base: B starts at 0)
@@ -88,13 +89,20 @@ def test_grpo_samples_through_vllm_from_the_policy_as_it_trains(store, smollm2_s
 
 def test_the_sampler_is_vllm_on_a_gpu_and_refuses_what_vllm_cannot_serve():
     from appliance.config import LoraSpec
-    from appliance.train.vllm_sampler import resolve_sampler
+    from appliance.serve.sampler import resolve_sampler
 
     assert resolve_sampler("auto", LoraSpec(), "cuda", 1) == "vllm"  # vLLM is installed here
     assert resolve_sampler("auto", LoraSpec(), "cpu", 1) == "transformers"
     assert resolve_sampler("vllm", LoraSpec(), "cpu", 1) == "vllm"
-    for lora, world, words in ((LoraSpec(use_dora=True), 1, "DoRA"), (LoraSpec(init="pissa"), 1, "pissa"), (LoraSpec(), 2, "2 processes")):
+    for lora, world, words in ((LoraSpec(use_dora=True), 1, "DoRA"), (LoraSpec(), 2, "2 processes")):
         assert resolve_sampler("auto", lora, "cuda", world) == "transformers"
         with pytest.raises(ApplianceError, match=words) as refused:
             resolve_sampler("vllm", lora, "cuda", world)
         assert "grpo.sampler=transformers" in refused.value.fix
+    # PiSSA moves part of the base into the adapter, which vLLM would serve over the unchanged base: the
+    # config refuses it for GRPO before any sampler is chosen; a sharded base is refused there too.
+    for lora, train, words in (({"init": "pissa"}, {}, "lora.init=pissa"), ({}, {"fsdp": True}, "train GRPO data-parallel")):
+        with pytest.raises(Exception, match=words):
+            load_run_config("grpo", flags={"model": {"name": "tiny", "load_in_4bit": False}, "lora": lora, "train": train,
+                                           "data": {"files": [{"path": str(DATA / "prompts.jsonl")}]},
+                                           "grpo": {"reward_file": str(DATA / "brevity_rewards.py")}})

@@ -70,6 +70,7 @@ def _mean_of(records: list[dict[str, Any]], keys: tuple[str, ...]) -> dict[str, 
 def run_method(registry: Registry, method: str, model: str = "smollm2", progress: Callable[[str], None] = lambda _: None) -> MethodFigures:
     from appliance.config import load_run_config
     from appliance.evaluate import evaluate_adapter
+    from appliance.serve import grpo_sampler
     from appliance.train import run_training
 
     run = METHOD_RUNS[method]
@@ -84,7 +85,7 @@ def run_method(registry: Registry, method: str, model: str = "smollm2", progress
     })
     name = f"bench-method-{method}"
     progress(f"{method}: {run.steps} steps on {run.data}")
-    result = run_training(cfg, registry, name, overwrite=True)
+    result = run_training(cfg, registry, name, overwrite=True, sampler_for=grpo_sampler)
     records = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if "loss" in r]
     progress(f"{method}: evaluating before and after on the held-out split")

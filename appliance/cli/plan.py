@@ -61,15 +61,15 @@ def plan(model, gpu, gpu_memory, recipe, config_file, sets, seq_len, batch_size,
     if gpu and gpu_memory:
         raise ApplianceError("--gpu and --gpu-memory both name the card.", "give one: --gpu for a listed card, --gpu-memory GIB for another")
 
-    flags = flag_overrides(seq_len=seq_len, batch_size=batch_size, rank=rank, steps=steps)
+    flags = flag_overrides(seq_len=seq_len, batch_size=batch_size, rank=rank, steps=steps, fsdp=fsdp or None)
     if sixteen_bit:
         flags.setdefault("model", {})["load_in_4bit"] = False
     cfg = load_run_config(recipe, config_file, sets, flags)
     shape = find_model(model, registry())
     target = gpu_with_memory(gpu_memory) if gpu_memory else find_gpu(gpu) if gpu else detected_gpu() or cpu_profile()
-    if fsdp and gpus < 2:
+    if cfg.train.fsdp and gpus < 2:
         raise ApplianceError("--fsdp shards the base between GPUs, and the plan has one.", "add --gpus 2 (or more), or drop --fsdp")
-    settings = settings_from_config(cfg, target.device).model_copy(update={"data_parallel": gpus, "fsdp": fsdp or cfg.train.fsdp})
+    settings = settings_from_config(cfg, target.device).model_copy(update={"data_parallel": gpus})
     result = make_plan(shape, target, settings, cfg.train.steps or DEFAULT_STEPS, loop=loop)
     if as_json:
         print_json(result.to_json())
@@ -107,8 +107,7 @@ def show(result) -> None:
         verdict = f"[red]does not fit[/]: {e.total_gib:.2f} of the {e.gpu_gib:g} GiB {where}"
     ui.console.print(f"{verdict} ({e.nominal_gib:g} GiB {'in all' if on_cpu else 'on the box'})")
     if e.load_gib:
-        fits_load = e.load_gib <= e.gpu_gib - e.margin_gib
-        ui.console.print(f"{'[green]loads[/]' if fits_load else '[red]does not load[/]'}: every GPU holds the whole 4-bit base "
+        ui.console.print(f"{'[green]loads[/]' if e.loads else '[red]does not load[/]'}: every GPU holds the whole 4-bit base "
                          f"({e.load_gib:.2f} GiB) for a moment before it is sharded")
     weights = e.parts["linear_weights"].gib + e.parts["kept_weights"].gib
     if weights > e.gpu_gib:

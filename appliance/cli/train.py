@@ -203,13 +203,15 @@ def train_with_dashboard(cfg, name: str, *, resume: bool, overwrite: bool):
     """`run_training` behind the live dashboard; the trackers consume the same events, and their
     warnings show in the dashboard as notes."""
     from appliance import ui
+    from appliance.serve import grpo_sampler
     from appliance.track import fan_out, reporting
     from appliance.train import Note, run_training
 
     ui.console.print(f"[dim]recipe {cfg.recipe} · task {cfg.task} · resolved config saved in the run folder[/]")
     with ui.Dashboard() as dashboard, leaving_quietly_when_a_peer_dies():
         with reporting(cfg.train.report_to, registry().run_dir(name), cfg, lambda text: dashboard(Note(text, "warning"))) as trackers:
-            return run_training(cfg, registry(), name, resume=resume, overwrite=overwrite, events=fan_out(dashboard, *trackers))
+            return run_training(cfg, registry(), name, resume=resume, overwrite=overwrite, events=fan_out(dashboard, *trackers),
+                                sampler_for=grpo_sampler)
 
 
 @contextlib.contextmanager

@@ -225,8 +225,13 @@ class Estimate(BaseModel):
 
     @computed_field
     @property
+    def loads(self) -> bool:
+        return self.load_gib <= self.gpu_gib - self.margin_gib
+
+    @computed_field
+    @property
     def fits(self) -> bool:
-        return max(self.total_gib, self.load_gib) <= self.gpu_gib - self.margin_gib
+        return self.total_gib <= self.gpu_gib - self.margin_gib and self.loads
 
 
 def estimate(shape: ModelShape, gpu: GpuProfile, settings: TrainSettings, loop: Loop = "appliance") -> Estimate:

@@ -10,6 +10,7 @@ from appliance.serve.auth import server_key
 from appliance.serve.command import LOCAL_HOSTS, ServeSpec, build_spec, vllm_torch_sees_gpu, check_servable, lora_rank_limit, shell_line, vllm_command, vllm_env
 from appliance.serve.endpoint import DEFAULT_URL, Endpoint, find_endpoint, no_server, served_labels, served_models
 from appliance.serve.health import wait as wait_healthy
+from appliance.serve.sampler import grpo_sampler
 from appliance.serve.process import check_port, free_port, log_tail, require_vllm, running_server, serve_foreground, start_server, vllm_installed
 from appliance.serve.service import control as control_service
 from appliance.serve.service import install as install_service
@@ -29,6 +30,7 @@ __all__ = [
     "Endpoint",
     "find_endpoint",
     "free_port",
+    "grpo_sampler",
     "install_service",
     "installed_endpoint",
     "installed_service",

@@ -10,10 +10,11 @@ rank is divided by the tokens of the whole global batch, so the summed gradient 
 single process would get from the same global batch. Rank 0 alone draws the dashboard and
 writes metrics, checkpoints and the adapter.
 
-With `--fsdp` the frozen base is also sharded between the ranks (PyTorch's FSDP2, `fully_shard`
-on each decoder layer and the whole model): each rank keeps 1/N of every base weight, 4-bit ones
+With `--fsdp` the base's decoder layers are also sharded between the ranks (PyTorch's FSDP2,
+`fully_shard` on each layer): each rank keeps 1/N of every layer's frozen weights, 4-bit ones
 included, and a layer's weights are gathered for its forward and backward only (bitsandbytes puts a
-gathered 4-bit weight's quantization state back from its module). The adapter is left out of the
+gathered 4-bit weight's quantization state back from its module). Embeddings and the output head
+stay whole on every rank. The adapter is left out of the
 sharding: it stays whole on every rank and its gradients are summed as above, so the optimizer,
 checkpoints, exact resume and the saved adapter are the data-parallel ones.
 
@@ -118,7 +119,7 @@ def sum_gradients(ranks: Ranks, params: list[Any]) -> None:
         offset += n
 
 
-def shard_base(model: Any, ranks: Ranks) -> tuple[float, float]:
+def shard_base(model: Any) -> tuple[float, float]:
     """Shard the frozen weights of the decoder layers between the ranks, the adapter left whole;
     returns (MiB of the layers' frozen weights this rank holds, MiB of them in all).
 

@@ -1,9 +1,9 @@
 """GRPO (Shao et al. 2024, DeepSeekMath): reinforcement learning from reward functions, on the shared loop.
 
 A micro-batch is a set of prompts. For each, `group_size` answers are sampled from the policy as it
-is now (transformers' generate, no gradient; or vLLM, appliance.train.vllm_sampler); the user's reward functions score each answer, and an
-answer's advantage is its reward minus its group's mean, over the group's standard deviation. The
-loss is the policy gradient of that advantage, each answer's tokens averaged (the paper's
+is now (transformers' generate, no gradient; or vLLM, appliance.serve.sampler, when the run was given
+it); the user's reward functions score each answer, and an answer's advantage is its reward minus
+its group's mean, over the group's standard deviation. The loss is the policy gradient of that advantage, each answer's tokens averaged (the paper's
 normalisation), with an optional KL penalty to the adapter-off reference (the k3 estimator, per
 token). One update per batch of samples, so the policy ratio is 1 and its clip never binds: the
 gradient is the advantage times ∇ log π, what TRL computes with its defaults.
@@ -34,7 +34,7 @@ class GroupRelativeObjective(Objective):
         super().__init__(pad_id, packing)
         self.spec, self.tokenizer = spec, tokenizer
         self.rewards = load_rewards(spec.reward_file)
-        self.sampler = None  # a VllmSampler when vLLM draws the answers (appliance.train.vllm_sampler)
+        self.sampler = None  # a VllmSampler when vLLM draws the answers (appliance.serve.sampler)
         # Prompts by key: a batch carries keys (tensors only travel to the device), the texts stay here.
         self._prompts: dict[int, Any] = {}
         self._next_key = 0

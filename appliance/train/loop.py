@@ -14,7 +14,7 @@ import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from appliance.config import RunConfig, sequences_per_example
 from appliance.data import Batch, MicroBatchPlan, MixturePlan, PreparedData, data_records, examples_per_epoch, prepare
@@ -58,8 +58,10 @@ class TrainingRun:
         resume: bool = False,
         overwrite: bool = False,
         events: EventSink = ignore,
+        sampler_for: Callable[[Any], Any] | None = None,
     ):
         self.cfg = cfg
+        self.sampler_for = sampler_for  # GRPO: the run → a vLLM sampler or None (appliance.serve.grpo_sampler)
         self.registry = registry
         self.adapter_name = adapter_name
         self.resume = resume
@@ -80,9 +82,6 @@ class TrainingRun:
         if self.cfg.train.fsdp and not self.ranks.distributed:
             raise ApplianceError("--fsdp shards the base between processes, and this run has one.",
                                  "add --nproc-per-node 2 (or more), or drop --fsdp")
-        if self.cfg.train.fsdp and self.cfg.task == "grpo":
-            raise ApplianceError("GRPO samples answers of different lengths on each rank, which a sharded base cannot serve.",
-                                 "train GRPO without --fsdp (data-parallel: every rank holds the base)")
         distributed.start(self.ranks, resolve_device(self.cfg.train.device, detect()))
         adapter_exists = (self.adapter_dir / MANIFEST).is_file()
         self.overwrite = self.folder.check_start(self.adapter_name, adapter_exists, resume=self.resume, overwrite=self.overwrite)
@@ -95,20 +94,11 @@ class TrainingRun:
         data, pad_id = self.load_data(model_dir)
         self.build(model_dir, data, pad_id)
         if self.cfg.task == "grpo":
-            self.attach_sampler()
-
-    def attach_sampler(self) -> None:
-        """GRPO's answers from vLLM where grpo.sampler says so (auto: on a GPU where vLLM is installed)."""
-        from appliance.train.vllm_sampler import VllmSampler, resolve_sampler
-
-        cfg = self.cfg
-        if resolve_sampler(cfg.grpo.sampler, cfg.lora, self.device, self.ranks.world) != "vllm":
-            return
-        self.write_serving_base()
-        self.objective.sampler = VllmSampler(self.registry, self.model_manifest.name, self.serving_folder(), rank=cfg.lora.rank,
-                                             max_model_len=cfg.data.seq_len + cfg.grpo.max_new_tokens,
-                                             gpu_share=cfg.grpo.vllm_gpu_memory_utilization, workdir=self.run_dir / "sampler")
-        self.emit(Note("GRPO's answers are sampled by vLLM (a server of this run's own, started at the first step)"))
+            self.objective.sampler = self.sampler_for(self) if self.sampler_for else None
+            if self.objective.sampler is not None:
+                self.emit(Note("GRPO's answers are sampled by vLLM (a server of this run's own, started at the first step)"))
+            elif self.cfg.grpo.sampler == "vllm":
+                raise ApplianceError("grpo.sampler=vllm: this run was started without the vLLM sampler.", "train with `appliance train`")
 
     def resolve_model(self) -> Path:
         """The base's folder in the store (a language model, not a classifier)."""
@@ -187,7 +177,7 @@ class TrainingRun:
         if cfg.train.neftune_noise_alpha:
             add_neftune(model, cfg.train.neftune_noise_alpha)
         if cfg.train.fsdp:
-            held, whole = distributed.shard_base(model, self.ranks)
+            held, whole = distributed.shard_base(model)
             self.emit(Note(f"the base is sharded between {self.ranks.world} ranks (FSDP): this rank holds {held:.4g} of its layers' {whole:.4g} MiB"))
         return model
 
@@ -388,21 +378,11 @@ class TrainingRun:
             }
             self._log(record)
             extra = {k: v for k, v in figures.items() if k not in ("loss", "lr", "grad_norm", "useful_tokens", "trained_tokens")}
-            self.emit(
-                StepDone(
-                    self.state.step,
-                    self.total_steps,
-                    figures["loss"],
-                    figures["lr"],
-                    figures["grad_norm"],
-                    record["tokens_per_s"],
-                    self.state.elapsed_s,
-                    eta,
-                    memory,
-                    record["epoch"],
-                    extra,
-                )
-            )
+            self.emit(StepDone(
+                step=self.state.step, total_steps=self.total_steps, loss=figures["loss"], lr=figures["lr"], grad_norm=figures["grad_norm"],
+                tokens_per_s=record["tokens_per_s"], elapsed_s=self.state.elapsed_s, eta_s=eta, memory_gib=memory, epoch=record["epoch"],
+                extra=extra,
+            ))
             last = self.state.step >= self.total_steps
             if t.eval_every and self.state.step % t.eval_every == 0 and not last:
                 if self._after_eval(self.evaluate()):
@@ -476,25 +456,12 @@ class TrainingRun:
             self.setup()
         trainable, total = trainable_parameters(self.model)
         resumed = self.load_checkpoint() if self.resume else None
-        self.emit(
-            RunStarted(
-                self.adapter_name,
-                self.model_manifest.name,
-                self.device,
-                str(self.dtype).replace("torch.", ""),
-                self.total_steps,
-                self.state.step,
-                len(self.data.train),
-                len(self.data.val),
-                trainable,
-                total,
-                self.optimizer_name,
-                resumed,
-                self.ranks.world,
-                self.cfg.train.batch_size,
-                self.cfg.train.grad_accum,
-            )
-        )
+        self.emit(RunStarted(
+            run_name=self.adapter_name, model=self.model_manifest.name, device=self.device, dtype=str(self.dtype).replace("torch.", ""),
+            total_steps=self.total_steps, start_step=self.state.step, train_examples=len(self.data.train), val_examples=len(self.data.val),
+            trainable_params=trainable, total_params=total, optimizer=self.optimizer_name, resumed_from=resumed, ranks=self.ranks.world,
+            batch_size=self.cfg.train.batch_size, grad_accum=self.cfg.train.grad_accum,
+        ))
         if self.cfg.train.unfreeze is None:
             self.emit(PhaseChanged(self.state.step, "all adapter layers", trainable))
         with StopSignals() as signals, contextlib.closing(self.objective):
@@ -527,5 +494,5 @@ class TrainingRun:
 
 
 def run_training(cfg: RunConfig, registry: Registry, adapter_name: str, *, resume: bool = False, overwrite: bool = False,
-                 events: EventSink = ignore) -> TrainResult:
-    return TrainingRun(cfg, registry, adapter_name, resume=resume, overwrite=overwrite, events=events).run()
+                 events: EventSink = ignore, sampler_for: Callable[[Any], Any] | None = None) -> TrainResult:
+    return TrainingRun(cfg, registry, adapter_name, resume=resume, overwrite=overwrite, events=events, sampler_for=sampler_for).run()

@@ -1,11 +1,13 @@
 """GRPO's answers drawn by vLLM: the policy as it is now, served as a LoRA adapter over the base's 4-bit twin.
 
 Sampling a group of answers per prompt is most of a GRPO step, and vLLM generates far faster than
-transformers' `generate` on a GPU. The run starts its own vLLM server (appliance.serve's process
-control: a free port on 127.0.0.1, a random API key, stopped with the run), the one place training
-reaches into serving. Before each step's sampling the adapter as it is now is saved and loaded into
-the server by name (vLLM's runtime LoRA loading), the previous one unloaded; each prompt's group is
-one completions request for `n` answers, with their token ids and log-probabilities.
+transformers' `generate` on a GPU. The run gets its own vLLM server (this package's process
+control: a free port on 127.0.0.1, a random API key, stopped with the run). Training never imports
+serving: `appliance train` and `appliance bench methods` hand `run_training` this module's
+`grpo_sampler`, which the run calls once it knows its device and ranks. Before each step's sampling
+the adapter as it is now is saved and loaded into the server by name (vLLM's runtime LoRA loading),
+the previous one unloaded; each prompt's group is one completions request for `n` answers, with
+their token ids and log-probabilities.
 
 vLLM serves the base's 4-bit twin (appliance.models.write_twin_4bit): the weights as the 4-bit model
 computes with them, so the sampling policy is the training policy up to arithmetic. How far up to is
@@ -27,13 +29,26 @@ from appliance.rewards import Sampled, stop_ids
 PORT = 8390
 
 
+def grpo_sampler(run: Any) -> "VllmSampler | None":
+    """What samples the answers of `run` (appliance.train.TrainingRun, set up), as its grpo.sampler says:
+    a VllmSampler, or None for transformers' generate."""
+    from appliance.models import write_serving_base
+
+    cfg = run.cfg
+    if resolve_sampler(cfg.grpo.sampler, cfg.lora, run.device, run.ranks.world) != "vllm":
+        return None
+    return VllmSampler(run.registry, run.model_manifest.name, write_serving_base(run.registry, run.model_manifest, cfg.model, cfg.task),
+                       rank=cfg.lora.rank, max_model_len=cfg.data.seq_len + cfg.grpo.max_new_tokens,
+                       gpu_share=cfg.grpo.vllm_gpu_memory_utilization, workdir=run.run_dir / "sampler")
+
+
 def resolve_sampler(choice: str, lora: Any, device: str, world: int, python: str = sys.executable) -> str:
     """'vllm' or 'transformers' for grpo.sampler: 'auto' is vLLM on a GPU where it is installed and can
-    serve the adapter as it trains (plain LoRA or rsLoRA over the unchanged base, one process)."""
-    from appliance.serve import require_vllm, vllm_installed
+    serve the adapter as it trains (not DoRA; one process). PiSSA and OLoRA, which change the base, are
+    refused for GRPO by the config already."""
+    from appliance.serve.process import require_vllm, vllm_installed
 
     unservable = ("DoRA, which vLLM does not serve" if lora.use_dora else
-                  f"{lora.init} initialisation, which changes the base vLLM would serve" if lora.init in ("pissa", "olora") else
                   f"{world} processes, and the sampler serves one process's policy" if world > 1 else None)
     if choice == "transformers" or (choice == "auto" and (unservable or device != "cuda" or not vllm_installed(python))):
         return "transformers"
@@ -57,7 +72,9 @@ class VllmSampler:
         self.step = 0
 
     def _start(self) -> None:
-        from appliance.serve import Endpoint, build_spec, free_port, lora_rank_limit, start_server
+        from appliance.serve.command import build_spec, lora_rank_limit
+        from appliance.serve.endpoint import Endpoint
+        from appliance.serve.process import free_port, start_server
 
         spec = build_spec(self.registry, self.model_name, runtime_adapters=True, port=free_port(PORT), python=self.python,
                           max_lora_rank=lora_rank_limit([self.rank]), max_loras=1, max_model_len=self.max_model_len,
