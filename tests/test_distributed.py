@@ -89,6 +89,80 @@ def test_fsdp_needs_several_processes(tiny):
     assert result.returncode == 2 and "--nproc-per-node 2" in result.stdout + result.stderr and "Traceback" not in result.stderr
 
 
+IN_TURN = """
+import json, sys, time
+from appliance.train import distributed
+
+ranks = distributed.from_environment()
+distributed.start(ranks, "cpu", patient=True)
+
+def build():
+    began = time.monotonic()  # one clock for every process of the machine
+    time.sleep(0.5)
+    return began, time.monotonic()
+
+span = distributed.in_turn(ranks, build)
+open(f"{sys.argv[1]}/{ranks.rank}.json", "w").write(json.dumps(span))
+distributed.stop(ranks)
+"""
+
+
+def test_the_ranks_of_a_machine_load_in_turn(tmp_path):
+    """--fsdp loads the whole base in host memory on each rank: one rank at a time, so the host
+    holds one base at once. Each rank's build must end before the next one's begins."""
+    script = tmp_path / "in_turn.py"
+    script.write_text(IN_TURN)
+    launched = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "3", str(script), str(tmp_path)],
+                              env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    assert launched.returncode == 0, launched.stderr[-2000:]
+    spans = sorted(tuple(json.loads((tmp_path / f"{rank}.json").read_text())) for rank in range(3))
+    assert all(earlier[1] <= later[0] for earlier, later in zip(spans, spans[1:])), spans
+
+
+def test_place_moves_every_shard_and_every_quantization_state(tiny):
+    """A base sharded in host memory reaches the GPU whole: its layers' shards, what stays whole, the
+    adapter, and the 4-bit weights' quantization states, which bitsandbytes keeps on the modules where
+    the model's own move does not reach them. Checked by moving to the meta device (no GPU here):
+    whatever a move leaves behind stays on the CPU."""
+    import bitsandbytes as bnb
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor
+
+    from appliance.config import LoraSpec, ModelSpec
+    from appliance.hf import load_base
+    from appliance.train import distributed
+    from appliance.train.model import attach_lora, prepare_for_training
+
+    def states(model):
+        out = []
+        for module in model.modules():
+            if isinstance(module, bnb.nn.Linear4bit):
+                s = module.quant_state
+                out += [s.absmax, s.code] + ([s.offset, s.state2.absmax, s.state2.code] if s.nested else [])
+        return out
+
+    def devices(model):
+        tensors = [p.to_local() if isinstance(p, DTensor) else p for p in model.parameters()] + list(model.buffers())
+        return {t.device.type for t in tensors}, {t.device.type for t in states(model)}
+
+    def sharded():
+        spec = ModelSpec(gradient_checkpointing=False)
+        model = attach_lora(prepare_for_training(load_base(tiny.model_dir("tiny"), spec, "cpu", torch.float32), spec, "cpu"), LoraSpec(rank=4))
+        distributed.shard_base(model)
+        assert any(isinstance(p, DTensor) for p in model.parameters()) and len(states(model)) >= 14 * 2
+        return model
+
+    dist.init_process_group("gloo", rank=0, world_size=1, store=dist.HashStore())
+    try:
+        moved = sharded().to("meta")
+        assert devices(moved) == ({"meta"}, {"cpu"})  # what place is for
+        placed = sharded()
+        distributed.place(placed, "meta")
+        assert devices(placed) == ({"meta"}, {"meta"})
+    finally:
+        dist.destroy_process_group()
+
 def _rank_processes(launcher: subprocess.Popen) -> dict[int, psutil.Process]:
     found = {}
     for child in psutil.Process(launcher.pid).children(recursive=True):

@@ -418,17 +418,28 @@ def test_data_parallel_plans_each_gpu_as_one_card_plus_the_all_reduce_and_says_t
     assert table.returncode == 0 and "per GPU of 2 (torchrun, data-parallel)" in " ".join(table.stdout.split())
 
 
-def test_fsdp_plans_a_share_of_the_layers_per_gpu_and_a_load_of_the_whole_base():
+def test_fsdp_plans_a_share_of_the_layers_per_gpu_and_a_load_in_host_memory():
     """--fsdp: each GPU keeps 1/N of the layers' 4-bit weights plus two layers whole (the one computing
-    and the one prefetched), but every rank loads the whole 4-bit base before sharding it, and a plan
-    that cannot load does not fit, however small its step."""
+    and the one prefetched). The whole base never sits on one GPU (it is quantized in host memory and
+    sharded there), so a base larger than a card fits; the host holds it whole while a rank loads."""
     two = json.loads(run_cli("plan", "--model", "llama-3.1-8b", "--gpu", "4090", "--gpus", "2", "--json").stdout)
     sharded = json.loads(run_cli("plan", "--model", "llama-3.1-8b", "--gpu", "4090", "--gpus", "2", "--fsdp", "--json").stdout)
     whole, layers = two["parts"]["linear_weights"], find_model("llama-3.1-8b").num_hidden_layers
     assert sharded["parts"]["linear_weights"] == pytest.approx(whole / 2 + 2 * whole / layers, rel=1e-3)
-    assert sharded["load_gib"] >= whole + two["parts"]["kept_weights"] and sharded["fits"]
+    assert two["host_load_gib"] == 0 and sharded["host_load_gib"] >= whole + two["parts"]["kept_weights"] and sharded["fits"]
     shape, gpu = find_model("llama-3.1-70b"), find_gpu("RTX 4090")
-    tight = estimate(shape, gpu, TrainSettings(seq_len=128, batch_size=1, data_parallel=8, fsdp=True, rank=8))
-    assert tight.total_gib < gpu.usable_gib and tight.load_gib > gpu.usable_gib and not tight.fits
+    larger_than_a_card = estimate(shape, gpu, TrainSettings(seq_len=128, batch_size=1, data_parallel=8, fsdp=True, rank=8))
+    assert larger_than_a_card.fits and larger_than_a_card.host_load_gib > gpu.usable_gib
     alone = run_cli("plan", "--model", "llama-3.1-8b", "--gpu", "4090", "--fsdp")
     assert alone.returncode == 2 and "--gpus 2" in alone.stdout + alone.stderr
+
+
+@pytest.mark.bad_input
+def test_train_refuses_an_fsdp_load_the_host_memory_cannot_hold():
+    from appliance.cli.train import refuse_short_host_memory
+    from appliance.errors import ApplianceError
+
+    refuse_short_host_memory(38.0, free_gib=40.0)
+    with pytest.raises(ApplianceError) as refused:
+        refuse_short_host_memory(38.0, free_gib=30.0)
+    assert "38.0 GiB" in str(refused.value) and "30.0 GiB are free" in str(refused.value) and "drop --fsdp" in refused.value.fix

@@ -106,9 +106,9 @@ def show(result) -> None:
     else:
         verdict = f"[red]does not fit[/]: {e.total_gib:.2f} of the {e.gpu_gib:g} GiB {where}"
     ui.console.print(f"{verdict} ({e.nominal_gib:g} GiB {'in all' if on_cpu else 'on the box'})")
-    if e.load_gib:
-        ui.console.print(f"{'[green]loads[/]' if e.loads else '[red]does not load[/]'}: every GPU holds the whole 4-bit base "
-                         f"({e.load_gib:.2f} GiB) for a moment before it is sharded")
+    if e.host_load_gib:
+        ui.console.print(f"loading: each rank quantizes the whole base in host memory before it shards it "
+                         f"({e.host_load_gib:.2f} GiB of RAM, the ranks of a machine one at a time)")
     weights = e.parts["linear_weights"].gib + e.parts["kept_weights"].gib
     if weights > e.gpu_gib:
         ui.warn(f"the model's weights alone take {weights:.2f} GiB, more than the {e.gpu_gib:g} GiB usable: no setting makes it fit; "

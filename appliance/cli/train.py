@@ -234,6 +234,22 @@ def leaving_quietly_when_a_peer_dies():
         sys.exit(1)
 
 
+def refuse_short_host_memory(needed_gib: float, free_gib: float | None = None) -> None:
+    """--fsdp quantizes the whole base in host memory before sharding it: refuse before the load
+    rather than let the kernel's OOM killer choose a process."""
+    import psutil
+
+    from appliance.errors import ApplianceError
+
+    free_gib = psutil.virtual_memory().available / 2**30 if free_gib is None else free_gib
+    if needed_gib > free_gib:
+        raise ApplianceError(
+            f"--fsdp loads the whole 4-bit base in this machine's memory before sharding it ({needed_gib:.1f} GiB, "
+            f"one rank at a time), and {free_gib:.1f} GiB are free.",
+            "free memory (close other programs, add swap), or drop --fsdp if the 4-bit base fits one card (appliance plan --gpus N)",
+        )
+
+
 def fit_to_gpu(cfg, gpu: str | None, fit: bool, data_parallel: int = 1):
     """Plan the run; refuse one that does not fit, or with `fit` apply the cheapest change that does."""
     from appliance import ui
@@ -245,6 +261,7 @@ def fit_to_gpu(cfg, gpu: str | None, fit: bool, data_parallel: int = 1):
         ui.console.print("[dim]plan: no GPU here, memory not planned (--gpu NAME plans for a card)[/]")
         return cfg
     e = result.estimate
+    refuse_short_host_memory(e.host_load_gib)
     if e.fits:
         ui.console.print(f"[dim]plan: {e.total_gib:.1f} of {e.gpu_gib:g} GiB on the {e.gpu}[/]")
         return cfg

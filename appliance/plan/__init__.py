@@ -119,7 +119,7 @@ class FitPlan(BaseModel):
             "total_gib": round(e.total_gib, 3),
             "margin_gib": round(e.margin_gib, 3),
             "allocated_gib": round(e.allocated_gib, 3),
-            "load_gib": round(e.load_gib, 3),
+            "host_load_gib": round(e.host_load_gib, 3),
             "gpu_gib": e.gpu_gib,
             "nominal_gib": e.nominal_gib,
             "held_gib": e.held_gib,

@@ -221,17 +221,15 @@ class Estimate(BaseModel):
         """What must stay free for a plan to count as fitting (FIT_MARGIN of the usable memory)."""
         return FIT_MARGIN * self.gpu_gib
 
-    load_gib: float = Field(0.0, description="what loading needs on each GPU at once: under FSDP every rank loads the whole 4-bit base, then shards it")
-
-    @computed_field
-    @property
-    def loads(self) -> bool:
-        return self.load_gib <= self.gpu_gib - self.margin_gib
+    host_load_gib: float = Field(
+        0.0, description="host memory a rank holds while it loads under FSDP: the whole 4-bit base, quantized in host "
+        "memory before it is sharded (the ranks of a machine load in turn)"
+    )
 
     @computed_field
     @property
     def fits(self) -> bool:
-        return self.total_gib <= self.gpu_gib - self.margin_gib and self.loads
+        return self.total_gib <= self.gpu_gib - self.margin_gib
 
 
 def estimate(shape: ModelShape, gpu: GpuProfile, settings: TrainSettings, loop: Loop = "appliance") -> Estimate:
@@ -387,7 +385,8 @@ def estimate(shape: ModelShape, gpu: GpuProfile, settings: TrainSettings, loop: 
         gpu_gib=gpu.usable,
         nominal_gib=gpu.vram_gib,
         held_gib=gpu.held_gib,
-        load_gib=(whole_linear + static["kept_weights"].gib + static["lora_weights"].gib + (CUDA_CONTEXT_GIB if gpu.device == "cuda" else 0.0))
+        # bitsandbytes quantizes one 16-bit weight at a time: the widest, an MLP projection, is the transient.
+        host_load_gib=(whole_linear + static["kept_weights"].gib + static["lora_weights"].gib + 2 * h * shape.intermediate_size / GIB)
         if s.fsdp and s.data_parallel > 1 else 0.0,
     )
 

@@ -14,10 +14,12 @@ With `--fsdp` the base's decoder layers are also sharded between the ranks (PyTo
 `fully_shard` on each layer): each rank keeps 1/N of every layer's frozen weights, 4-bit ones
 included, and a layer's weights are gathered for its forward and backward only (bitsandbytes puts a
 gathered 4-bit weight's quantization state back from its module). Embeddings and the output head
-stay whole on every rank. The adapter is left out of the
-sharding: it stays whole on every rank and its gradients are summed as above, so the optimizer,
-checkpoints, exact resume and the saved adapter are the data-parallel ones.
-
+stay whole on every rank. The adapter is left out of the sharding: it stays whole on every rank and
+its gradients are summed as above, so the optimizer, checkpoints, exact resume and the saved adapter
+are the data-parallel ones. So that a base too large for one card can train, a rank never holds the
+whole of it on its GPU: it loads and quantizes the base in host memory (bitsandbytes' CPU path),
+shards it there, and moves only its share to the GPU (`place`). The ranks of one machine do this
+in turn (`in_turn`), so the host holds one whole 4-bit base at a time.
 On a GPU the ranks talk over NCCL, on a CPU over gloo (how the tests run it).
 """
 
@@ -25,9 +27,11 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 from appliance.errors import ApplianceError
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -35,6 +39,7 @@ class Ranks:
     rank: int = 0
     world: int = 1
     local_rank: int = 0
+    local_world: int = 1  # ranks on this machine
 
     @property
     def main(self) -> bool:
@@ -53,11 +58,19 @@ def from_environment() -> Ranks:
     """The ranks torchrun describes in RANK, WORLD_SIZE and LOCAL_RANK; one process without them."""
     if "WORLD_SIZE" not in os.environ:
         return Ranks()
-    return Ranks(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0)))
+    world = int(os.environ["WORLD_SIZE"])
+    return Ranks(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("LOCAL_WORLD_SIZE", world)))
 
 
-def start(ranks: Ranks, device: str) -> None:
-    """Join the process group (NCCL between GPUs, gloo on CPUs); each rank on its own GPU."""
+# A collective that waits longer than this is taken for a hang. Loading in turn (`in_turn`) keeps
+# the last rank of a machine waiting while the others load and quantize a whole base on the CPU:
+# minutes each for a 70B model, more than NCCL's default ten.
+PATIENT_TIMEOUT_MIN = 120
+
+
+def start(ranks: Ranks, device: str, patient: bool = False) -> None:
+    """Join the process group (NCCL between GPUs, gloo on CPUs); each rank on its own GPU.
+    `patient`: collectives wait PATIENT_TIMEOUT_MIN before they fail (ranks that load in turn)."""
     if not ranks.distributed:
         return
     import torch
@@ -71,7 +84,9 @@ def start(ranks: Ranks, device: str) -> None:
             )
         torch.cuda.set_device(ranks.local_rank)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device == "cuda" else "gloo")
+        from datetime import timedelta
+
+        dist.init_process_group("nccl" if device == "cuda" else "gloo", timeout=timedelta(minutes=PATIENT_TIMEOUT_MIN) if patient else None)
 
 
 def stop(ranks: Ranks) -> None:
@@ -139,6 +154,41 @@ def shard_base(model: Any) -> tuple[float, float]:
     for layer in layers:
         fully_shard(layer, ignored_params=trainable & set(layer.parameters()))
     return frozen_bytes(local=True) / 2**20, whole / 2**20
+
+
+def load_sharded(ranks: Ranks, load: Callable[[], Any], device: str) -> tuple[Any, float, float]:
+    """The model `load()` builds in host memory, its layers sharded and this rank's share on `device`,
+    built by one rank of this machine at a time; with shard_base's (MiB held, MiB in all)."""
+
+    def build():
+        model = load()
+        held, whole = shard_base(model)
+        place(model, device)
+        return model, held, whole
+
+    return in_turn(ranks, build)
+
+
+def in_turn(ranks: Ranks, build: Callable[[], T]) -> T:
+    """`build()` on each rank of this machine one after the other (all machines at once): what each
+    holds in host memory while it builds is freed before the next starts."""
+    built = None
+    for turn in range(ranks.local_world):
+        if turn == ranks.local_rank:
+            built = build()
+        barrier(ranks)
+    return built
+
+
+def place(model: Any, device: str) -> None:
+    """Move a model sharded in host memory to `device`: each rank's share of the layers, the
+    adapter and what stays whole. bitsandbytes keeps a 4-bit weight's quantization state (block
+    scales, code book) beside the weight, on its module; FSDP's move does not see it."""
+    model.to(device)
+    for module in model.modules():
+        state = getattr(module, "quant_state", None)
+        if state is not None:
+            state.to(device)
 
 
 def _decoder_layers(model: Any) -> list[Any]:

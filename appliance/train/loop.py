@@ -82,7 +82,7 @@ class TrainingRun:
         if self.cfg.train.fsdp and not self.ranks.distributed:
             raise ApplianceError("--fsdp shards the base between processes, and this run has one.",
                                  "add --nproc-per-node 2 (or more), or drop --fsdp")
-        distributed.start(self.ranks, resolve_device(self.cfg.train.device, detect()))
+        distributed.start(self.ranks, resolve_device(self.cfg.train.device, detect()), patient=self.cfg.train.fsdp)
         adapter_exists = (self.adapter_dir / MANIFEST).is_file()
         self.overwrite = self.folder.check_start(self.adapter_name, adapter_exists, resume=self.resume, overwrite=self.overwrite)
         distributed.barrier(self.ranks)  # every rank has read the folder before rank 0 changes it
@@ -170,15 +170,22 @@ class TrainingRun:
         if cfg.model.mlp_tile_tokens:
             self.emit(Note(f"MLPs computed {cfg.model.mlp_tile_tokens} tokens at a time"))
         spec = cfg.model.model_copy(update={"gradient_checkpointing": checkpointing})
-        model = prepare_for_training(load_base(self.model_dir, spec, self.device, self.dtype, task=cfg.task, labels=self.data.labels), spec, self.device)
-        model = attach_lora(model, cfg.lora, task=cfg.task)
+        if cfg.train.fsdp:
+            model, held, whole = distributed.load_sharded(self.ranks, lambda: self._adapted_base(spec, "cpu"), self.device)
+            self.emit(Note(f"the base is sharded between {self.ranks.world} ranks (FSDP, loaded in host memory one rank at a time): "
+                           f"this rank holds {held:.4g} of its layers' {whole:.4g} MiB"))
+            return model
+        return self._adapted_base(spec, self.device)
+
+    def _adapted_base(self, spec, device: str):
+        """The base loaded on `device`, ready to train, with the adapter attached and initialised."""
+        cfg = self.cfg
+        base = load_base(self.model_dir, spec, device, self.dtype, task=cfg.task, labels=self.data.labels)
+        model = attach_lora(prepare_for_training(base, spec, self.device), cfg.lora, task=cfg.task)
         if cfg.lora.init != "default":
             self.emit(Note(initialise_adapter(model, cfg.lora, self.model_dir, self.initial_adapter, write=self.ranks.main)))
         if cfg.train.neftune_noise_alpha:
             add_neftune(model, cfg.train.neftune_noise_alpha)
-        if cfg.train.fsdp:
-            held, whole = distributed.shard_base(model)
-            self.emit(Note(f"the base is sharded between {self.ranks.world} ranks (FSDP): this rank holds {held:.4g} of its layers' {whole:.4g} MiB"))
         return model
 
     def on_step_start(self) -> None:
