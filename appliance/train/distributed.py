@@ -17,9 +17,11 @@ gathered 4-bit weight's quantization state back from its module). Embeddings and
 stay whole on every rank. The adapter is left out of the sharding: it stays whole on every rank and
 its gradients are summed as above, so the optimizer, checkpoints, exact resume and the saved adapter
 are the data-parallel ones. So that a base too large for one card can train, a rank never holds the
-whole of it on its GPU: it loads and quantizes the base in host memory (bitsandbytes' CPU path),
-shards it there, and moves only its share to the GPU (`place`). The ranks of one machine do this
-in turn (`in_turn`), so the host holds one whole 4-bit base at a time.
+whole of it on its GPU: it loads and quantizes the base in host memory (bitsandbytes' CPU path)
+and shards it layer by layer (FSDP moves a layer to the GPU, keeps this rank's share and frees the
+rest), then moves what stays whole (`place`). The ranks of one machine do this in turn
+(`in_turn`), so the host holds one whole 4-bit base at a time.
+
 On a GPU the ranks talk over NCCL, on a CPU over gloo (how the tests run it).
 """
 
