@@ -16,11 +16,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from appliance.config import RunConfig, sequences_per_example
+from appliance.config import RunConfig
 from appliance.data import Batch, MicroBatchPlan, MixturePlan, PreparedData, data_records, examples_per_epoch, prepare
 from appliance.errors import ApplianceError, TrainingInterrupted
 from appliance.hardware import detect, peak_memory_gib
-from appliance.hf import compute_dtype, load_base, load_tokenizer, quiet_libraries, resolve_device
+from appliance.hf import compute_dtype, load_tokenizer, quiet_libraries, resolve_device
 from appliance.models import serving_base, write_serving_base
 from appliance.registry import AdapterManifest, Registry
 from appliance.store import MANIFEST, atomic_dir, ensure_free_space, read_json
@@ -28,7 +28,7 @@ from appliance.train import checkpoint as ckpt
 from appliance.train import distributed
 from appliance.train.events import CheckpointSaved, EvalDone, EventSink, Note, PhaseChanged, RunStarted, StepDone, ignore
 from appliance.train.folder import RunFolder
-from appliance.train.model import add_neftune, attach_lora, initialise_adapter, checkpointing_for, prepare_for_training, trainable_parameters
+from appliance.train.model import build_model, trainable_parameters
 from appliance.train.objectives import Objective, objective_for
 from appliance.train.optim import build_optimizer, layer_groups, schedule_factor, unfrozen_groups
 from appliance.train.signals import StopSignals
@@ -137,7 +137,10 @@ class TrainingRun:
         self.dtype = compute_dtype(cfg.model, self.device, self.hw)
         torch.manual_seed(cfg.train.seed)
         started = time.time()
-        self.model = self._build_model()
+        self.model, self.gradient_checkpointing = build_model(
+            cfg, model_dir, self.device, self.dtype, labels=self.data.labels, ranks=self.ranks,
+            initial_adapter=self.initial_adapter, note=lambda text: self.emit(Note(text)),
+        )
         self.load_s = time.time() - started
         self.adapter_params = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
         self.objective: Objective = objective_for(cfg.task, pad_id, cfg.train.packing, cfg, model_dir)
@@ -157,36 +160,6 @@ class TrainingRun:
         # below fp16's smallest normal unless the loss is scaled up first.
         self.scaler = torch.amp.GradScaler(self.device) if self.dtype == torch.float16 else None
         self.val_batches = self._batches_of(self.data.val)
-
-    def _build_model(self):
-        cfg = self.cfg
-        rows = cfg.train.batch_size * sequences_per_example(cfg.task, cfg.grpo and cfg.grpo.group_size)
-        checkpointing, why = checkpointing_for(cfg.model, cfg.lora, self.device, self.dtype, self.model_dir, rows * cfg.data.seq_len)
-        self.emit(Note(f"gradient checkpointing {'on' if checkpointing else 'off'} ({why})"))
-        self.gradient_checkpointing = checkpointing
-        if cfg.model.offload_activations:
-            on_gpu = self.device == "cuda" and checkpointing
-            self.emit(Note("checkpointed layer inputs kept in CPU memory" if on_gpu else "offload_activations does nothing on CPU: the inputs are in RAM already"))
-        if cfg.model.mlp_tile_tokens:
-            self.emit(Note(f"MLPs computed {cfg.model.mlp_tile_tokens} tokens at a time"))
-        spec = cfg.model.model_copy(update={"gradient_checkpointing": checkpointing})
-        if cfg.train.fsdp:
-            model, held, whole = distributed.load_sharded(self.ranks, lambda: self._adapted_base(spec, "cpu"), self.device)
-            self.emit(Note(f"the base is sharded between {self.ranks.world} ranks (FSDP, loaded in host memory one rank at a time): "
-                           f"this rank holds {held:.4g} of its layers' {whole:.4g} MiB"))
-            return model
-        return self._adapted_base(spec, self.device)
-
-    def _adapted_base(self, spec, device: str):
-        """The base loaded on `device`, ready to train, with the adapter attached and initialised."""
-        cfg = self.cfg
-        base = load_base(self.model_dir, spec, device, self.dtype, task=cfg.task, labels=self.data.labels)
-        model = attach_lora(prepare_for_training(base, spec, self.device), cfg.lora, task=cfg.task)
-        if cfg.lora.init != "default":
-            self.emit(Note(initialise_adapter(model, cfg.lora, self.model_dir, self.initial_adapter, write=self.ranks.main)))
-        if cfg.train.neftune_noise_alpha:
-            add_neftune(model, cfg.train.neftune_noise_alpha)
-        return model
 
     def on_step_start(self) -> None:
         """Set which adapter layers train in this phase; announce a new phase."""

@@ -1,15 +1,59 @@
 """The trainable model: the frozen base made ready for training (checkpointing, tiling) and LoRA
-attached to the layers asked for. Loading itself is appliance.hf's.
+attached to the layers asked for; under FSDP, sharded between the ranks. Loading itself is
+appliance.hf's.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
-from appliance.config import LoraSpec, ModelSpec
+from appliance.config import LoraSpec, ModelSpec, RunConfig, sequences_per_example
 from appliance.errors import ApplianceError
-from appliance.hf import keep_4bit_layout
+from appliance.hf import keep_4bit_layout, load_base
+from appliance.train import distributed
+
+
+def build_model(
+    cfg: RunConfig,
+    model_dir: Path,
+    device: str,
+    dtype: Any,
+    *,
+    labels: list[str] | None,
+    ranks: distributed.Ranks,
+    initial_adapter: Path,
+    note: Callable[[str], None],
+) -> tuple[Any, bool]:
+    """The run's trainable model on `device`, and whether it recomputes activations (gradient
+    checkpointing, resolved here). `note` is told what was decided, for the run's log."""
+    rows = cfg.train.batch_size * sequences_per_example(cfg.task, cfg.grpo and cfg.grpo.group_size)
+    checkpointing, why = checkpointing_for(cfg.model, cfg.lora, device, dtype, model_dir, rows * cfg.data.seq_len)
+    note(f"gradient checkpointing {'on' if checkpointing else 'off'} ({why})")
+    if cfg.model.offload_activations:
+        on_gpu = device == "cuda" and checkpointing
+        note("checkpointed layer inputs kept in CPU memory" if on_gpu else "offload_activations does nothing on CPU: the inputs are in RAM already")
+    if cfg.model.mlp_tile_tokens:
+        note(f"MLPs computed {cfg.model.mlp_tile_tokens} tokens at a time")
+    spec = cfg.model.model_copy(update={"gradient_checkpointing": checkpointing})
+
+    def adapted_base(load_on: str) -> Any:
+        base = load_base(model_dir, spec, load_on, dtype, task=cfg.task, labels=labels)
+        model = attach_lora(prepare_for_training(base, spec, device), cfg.lora, task=cfg.task)
+        if cfg.lora.init != "default":
+            note(initialise_adapter(model, cfg.lora, model_dir, initial_adapter, write=ranks.main))
+        if cfg.train.neftune_noise_alpha:
+            add_neftune(model, cfg.train.neftune_noise_alpha)
+        return model
+
+    if not cfg.train.fsdp:
+        return adapted_base(device), checkpointing
+    # FSDP: no GPU ever holds the whole base, so one too large for a card trains. Each rank loads
+    # and quantizes it in host memory and shards it onto its GPU, one rank of a machine at a time.
+    model, held, whole = distributed.load_sharded(ranks, lambda: adapted_base("cpu"), device)
+    note(f"the base is sharded between {ranks.world} ranks (FSDP, loaded in host memory one rank at a time): "
+         f"this rank holds {held:.4g} of its layers' {whole:.4g} MiB")
+    return model, checkpointing
 
 
 def prepare_for_training(model: Any, spec: ModelSpec, device: str) -> Any:
