@@ -176,10 +176,11 @@ def _rank_processes(launcher: subprocess.Popen) -> dict[int, psutil.Process]:
 
 
 @pytest.mark.fault
-def test_a_killed_rank_stops_the_run_and_resume_continues_the_curve(tiny):
+@pytest.mark.parametrize("sharding", [[], ["--fsdp"]], ids=["data-parallel", "fsdp"])
+def test_a_killed_rank_stops_the_run_and_resume_continues_the_curve(tiny, sharding):
     """SIGKILL rank 1 after a checkpoint: one message, exit 1, nothing half-written; --resume
-    continues and ends on the curve of a run that was never interrupted."""
-    args = ["train", *COMMON, "--name", "k", "--batch-size", "4", "--nproc-per-node", "2", "--steps", "12"]
+    continues and ends on the curve of a run that was never interrupted (the base sharded or not)."""
+    args = ["train", *COMMON, "--name", "k", "--batch-size", "4", "--nproc-per-node", "2", "--steps", "12", *sharding]
     whole = run_cli(*[a if a != "k" else "whole" for a in args], env=ONE_BY_TWO)
     assert whole.returncode == 0, whole.stderr[-2000:]
     launcher = subprocess.Popen([sys.executable, "-m", "appliance", *args], cwd=REPO, env={**os.environ, **ONE_BY_TWO},
