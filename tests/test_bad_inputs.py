@@ -376,7 +376,7 @@ def _(tmp):
 
 @case("train: holding out more examples than there are", needs_tiny=True)
 def _(tmp):
-    return train_args(DEMO / "facts.jsonl", "a", "--val", "100"), "leaves 1 to train on"
+    return train_args(DEMO / "facts.jsonl", "a", "--val", "100"), "leaves fewer to train on than are held out"
 
 
 @case("train: a sequence length that drops most examples", needs_tiny=True)

@@ -195,3 +195,20 @@ def test_a_run_started_with_overwrite_resumes_with_it_and_keeps_the_old_adapter_
     shutil.copytree(appliance_home / "adapters" / "x", appliance_home / "adapters" / "fresh")
     refused = subprocess.run(_train_cli("--name", "fresh", "--resume"), cwd=REPO, capture_output=True, text=True)
     assert refused.returncode == 2 and "already exists" in refused.stderr
+
+
+def test_a_4bit_base_counts_its_parameters_as_the_16bit_one_does(tiny):
+    """The dashboard's "N trainable of M": bitsandbytes packs two 4-bit values a byte, so counting the
+    stored tensors gives about half of a quantized layer; M is the model's size whatever it is stored in."""
+    import torch
+
+    from appliance.config import LoraSpec, ModelSpec
+    from appliance.hf import load_base
+    from appliance.train.model import attach_lora, trainable_parameters
+
+    counts = {}
+    for four_bit in (True, False):
+        spec = ModelSpec(load_in_4bit=four_bit, gradient_checkpointing=False)
+        counts[four_bit] = trainable_parameters(attach_lora(load_base(tiny.model_dir("tiny"), spec, "cpu", torch.float32), LoraSpec(rank=4)))
+    assert counts[True] == counts[False], counts
+    assert counts[True][1] - counts[True][0] == sum(p.numel() for p in load_base(tiny.model_dir("tiny"), spec, "cpu", torch.float32).parameters())

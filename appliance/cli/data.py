@@ -144,7 +144,7 @@ def show(prepared, cfg, model_name: str | None) -> None:
     if report.leaks:
         ui.warn(f"{len(report.leaks)} prompt(s) appear in more than one split (leakage):")
         for leak in report.leaks[:10]:
-            ui.console.print(f"  {' & '.join(leak.splits)}: {leak.prompt[:100]!r}", highlight=False)
+            ui.console.print(f"  {' & '.join(leak.splits)}: {leak.shown[:100]!r}", highlight=False)
     else:
         ui.console.print("[green]no leakage[/]: no prompt appears in two splits")
     for s in report.sources:

@@ -13,7 +13,7 @@ from appliance.cli.common import json_option, print_json, registry
 @click.argument("name")
 @click.option("--data", type=click.Path(path_type=Path), help="held-out data (default: the adapter's test split, else validation)")
 @click.option("--against", help="model for the 'before' column (default: the adapter's base)")
-@click.option("--limit", default=50, show_default=True, help="at most this many examples")
+@click.option("--limit", type=click.IntRange(min=1), default=50, show_default=True, help="at most this many examples")
 @json_option
 def evaluate(name, data, against, limit, as_json) -> None:
     """Evaluate adapter NAME against its base: task metrics before and after, and forgetting.

@@ -171,12 +171,12 @@ def train(name, recipe, config_file, sets, gpu, fit, resume, overwrite, as_json,
     from appliance.train import Launch, launch_ranks
 
     ranks = Launch(nproc_per_node, nnodes, node_rank, master_addr, master_port)
-    # A rank runs this command without the launch flags; WORLD_SIZE tells it how many there are.
-    cfg = fit_to_gpu(cfg, gpu, fit, data_parallel=int(os.environ.get("WORLD_SIZE", nproc_per_node * nnodes)))
-    if ranks.needed:  # this process starts the ranks; each runs this command as one of them
-        launch_ranks(ranks, sys.argv[1:], registry().store.root / "logs" / f"train-{name}")
-        return
     with ui.json_output() if as_json else contextlib.nullcontext():
+        # A rank runs this command without the launch flags; WORLD_SIZE tells it how many there are.
+        cfg = fit_to_gpu(cfg, gpu, fit, data_parallel=int(os.environ.get("WORLD_SIZE", nproc_per_node * nnodes)))
+        if ranks.needed:  # this process starts the ranks; each runs this command as one of them
+            launch_ranks(ranks, sys.argv[1:], registry().store.root / "logs" / f"train-{name}")
+            return
         result = train_with_dashboard(cfg, name, resume=resume, overwrite=overwrite)
         ui.training_done(result, cfg.model.name)
     if as_json:
@@ -266,7 +266,7 @@ def fit_to_gpu(cfg, gpu: str | None, fit: bool, data_parallel: int = 1):
         ui.console.print(f"[dim]plan: {e.total_gib:.1f} of {e.gpu_gib:g} GiB on the {e.gpu}[/]")
         return cfg
     advice = [f"  {r.description}: {r.total_gib:.1f} GiB{' (fits)' if r.fits else ''}" for r in result.recommendations]
-    held = held_memory_note(e.held_gib)
+    held = None if e.device == "cpu" else held_memory_note(e.held_gib)  # on a CPU, others' memory is the OS's business
     if held:
         advice.insert(0, f"  {held}")
     choice = result.cheapest_fit

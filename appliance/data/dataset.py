@@ -159,8 +159,8 @@ def prepare(
         asked = split_count(len(records), val_size) + split_count(len(records), spec.test)
         if tr and (asked >= len(records) or len(va) + len(te) > len(tr)):  # none left: refused below
             _problem(report_all, strict,
-                     f"{sources[index].path}: holding out {split_count(len(records), val_size)} for validation and "
-                     f"{split_count(len(records), spec.test)} for test of {len(records)} examples leaves {len(tr)} to train on.",
+                     f"{sources[index].path} has {len(records)} examples: holding out --val {val_size:g} and --test {spec.test:g} "
+                     "of them leaves fewer to train on than are held out.",
                      "hold out less (--val, --test), or add examples")
         train_by_source.append(tr)
         train += tr

@@ -408,12 +408,17 @@ IGNORED_KEYS = frozenset({"id", "source", "meta", "metadata"})
 
 
 def detect(record: dict[str, Any]) -> Format | None:
-    """The most specific format whose required keys are all present."""
-    keys = set(record)
-    matches = [f for f in FORMATS.values() if f.required <= keys]
-    if not matches:
-        return None
-    return max(matches, key=lambda f: len(f.required))
+    """The format a record is written in: of those whose keys it has exactly, the most specific;
+    else the one that shares most of its keys, so that a pair without its "rejected" is read as a
+    preference pair missing a key, not as a prompt with a stray one."""
+    keys = set(record) - IGNORED_KEYS
+
+    def fit(f: Format) -> tuple[bool, int, bool, int]:
+        exact = f.required <= keys <= f.required | f.optional
+        return exact, len(keys & (f.required | f.optional)), f.required <= keys, len(f.required)
+
+    best = max(FORMATS.values(), key=fit)
+    return best if keys & best.required else None
 
 
 def expected_keys() -> str:

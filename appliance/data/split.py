@@ -68,8 +68,13 @@ def _split_groups(items: Sequence[T], val: float, test: float, seed: int, group)
 
 @dataclass(frozen=True)
 class Leak:
-    prompt: str
+    prompt: str  # the key examples are compared by: a chat's turns as role\x1fcontent, joined by \x1e
     splits: tuple[str, ...]  # e.g. ("train", "val")
+
+    @property
+    def shown(self) -> str:
+        """The prompt as a person reads it: "user: ... / assistant: ..."."""
+        return self.prompt.replace("\x1f", ": ").replace("\x1e", " / ")
 
 
 def leakage(splits: dict[str, Sequence], prompt_key) -> list[Leak]:

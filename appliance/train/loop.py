@@ -116,7 +116,7 @@ class TrainingRun:
         tokenizer = load_tokenizer(model_dir)
         data = prepare(cfg.data, cfg.task, tokenizer, model_name=self.model_manifest.name)
         for leak in data.report.leaks[:3]:
-            self.emit(Note(f"leakage: a prompt appears in {' and '.join(leak.splits)}: {leak.prompt[:80]!r}", "warning"))
+            self.emit(Note(f"leakage: a prompt appears in {' and '.join(leak.splits)}: {leak.shown[:80]!r}", "warning"))
         if data.report.overlong:
             action = "dropped" if cfg.data.overlong == "drop" else "truncated"
             self.emit(Note(f"{data.report.overlong} example(s) longer than seq_len={cfg.data.seq_len} were {action}", "warning"))

@@ -182,8 +182,17 @@ def attach_lora(model: Any, lora: LoraSpec, *, task: str = "sft") -> Any:
 
 
 def trainable_parameters(model: Any) -> tuple[int, int]:
+    """(trainable, all) parameters; a 4-bit weight counts as the matrix it stands for, not as its
+    packed bytes (two values a byte), which bitsandbytes keeps the shape of on its module."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    total, seen = 0, set()
+    for module in model.modules():
+        for name, param in module.named_parameters(recurse=False):
+            if id(param) in seen:  # tied embeddings
+                continue
+            seen.add(id(param))
+            state = getattr(module, "quant_state", None) if name == "weight" else None
+            total += state.shape.numel() if state is not None else param.numel()
     return trainable, total
 
 
