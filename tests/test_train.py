@@ -212,3 +212,14 @@ def test_a_4bit_base_counts_its_parameters_as_the_16bit_one_does(tiny):
         counts[four_bit] = trainable_parameters(attach_lora(load_base(tiny.model_dir("tiny"), spec, "cpu", torch.float32), LoraSpec(rank=4)))
     assert counts[True] == counts[False], counts
     assert counts[True][1] - counts[True][0] == sum(p.numel() for p in load_base(tiny.model_dir("tiny"), spec, "cpu", torch.float32).parameters())
+
+
+def test_a_start_refused_before_its_first_step_leaves_no_run_behind(tiny, tmp_path):
+    """Data that cannot be read is found after the run folder is made: the folder goes again, so
+    `runs list` shows no empty run and the same command, fixed, starts cleanly."""
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text((DEMO / "facts.jsonl").read_text().splitlines()[0] + "\n{not json\n")
+    with pytest.raises(ApplianceError, match="bad line"):
+        run_training(tiny_config(bad, steps=1), tiny, "refused")
+    assert not tiny.run_dir("refused").exists()
+    assert run_training(tiny_config(DEMO / "facts.jsonl", steps=1), tiny, "refused").steps == 1

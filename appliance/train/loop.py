@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import shutil
 import signal
 import time
 from dataclasses import dataclass, field
@@ -88,17 +89,23 @@ class TrainingRun:
         distributed.barrier(self.ranks)  # every rank has read the folder before rank 0 changes it
         quiet_libraries()
         model_dir = self.resolve_model()
+        fresh = not self.folder.path.exists()
         if self.ranks.main:
             self.prepare_run_dir()
         distributed.barrier(self.ranks)
-        data, pad_id = self.load_data(model_dir)
-        self.build(model_dir, data, pad_id)
-        if self.cfg.task == "grpo":
-            self.objective.sampler = self.sampler_for(self) if self.sampler_for else None
-            if self.objective.sampler is not None:
-                self.emit(Note("GRPO's answers are sampled by vLLM (a server of this run's own, started at the first step)"))
-            elif self.cfg.grpo.sampler == "vllm":
-                raise ApplianceError("grpo.sampler=vllm: this run was started without the vLLM sampler.", "train with `appliance train`")
+        try:
+            data, pad_id = self.load_data(model_dir)
+            self.build(model_dir, data, pad_id)
+            if self.cfg.task == "grpo":
+                self.objective.sampler = self.sampler_for(self) if self.sampler_for else None
+                if self.objective.sampler is not None:
+                    self.emit(Note("GRPO's answers are sampled by vLLM (a server of this run's own, started at the first step)"))
+                elif self.cfg.grpo.sampler == "vllm":
+                    raise ApplianceError("grpo.sampler=vllm: this run was started without the vLLM sampler.", "train with `appliance train`")
+        except BaseException:
+            if fresh and self.ranks.main:  # a start refused before its first step leaves no run behind
+                shutil.rmtree(self.folder.path, ignore_errors=True)
+            raise
 
     def resolve_model(self) -> Path:
         """The base's folder in the store (a language model, not a classifier)."""
