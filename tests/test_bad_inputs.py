@@ -374,6 +374,21 @@ def _(tmp):
     return ["data", "check", str(DEMO / "facts.jsonl"), "--val", "2.5"], "a fraction below 1, or a whole number"
 
 
+@case("train: --steps and --epochs together")
+def _(tmp):
+    return train_args(DEMO / "facts.jsonl", "a", "--epochs", "2"), "--epochs and --steps were both given"
+
+
+@case("train: --val-file and --val together")
+def _(tmp):
+    return train_args(DEMO / "facts.jsonl", "a", "--val-file", str(DEMO / "facts_val.jsonl"), "--val", "0.2"), "--val and --val-file were both given"
+
+
+@case("data check: --temperature without --mix temperature")
+def _(tmp):
+    return ["data", "check", str(DEMO / "facts.jsonl"), "--temperature", "3"], "--temperature is the exponent of --mix temperature"
+
+
 @case("train: holding out more examples than there are", needs_tiny=True)
 def _(tmp):
     return train_args(DEMO / "facts.jsonl", "a", "--val", "100"), "leaves fewer to train on than are held out"

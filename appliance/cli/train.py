@@ -66,7 +66,17 @@ FLAG_SETTINGS = {
 def flag_overrides(**flags) -> dict:
     """Flags given on the command line, as a nested dict over the recipe (unset flags are absent)."""
     from appliance.config import nest
+    from appliance.errors import ApplianceError
 
+    given = {k for k, v in flags.items() if v not in (None, ())}
+    for pair, fix in (
+        ({"steps", "epochs"}, "give the run's length one way: --steps N or --epochs N"),
+        ({"val_file", "val"}, "--val-file is the validation set: drop --val, or drop --val-file to hold out from the training data"),
+    ):
+        if pair <= given:
+            raise ApplianceError(f"{' and '.join('--' + k.replace('_', '-') for k in sorted(pair))} were both given; one would be ignored.", fix)
+    if "temperature" in given and flags.get("mix") != "temperature":
+        raise ApplianceError("--temperature is the exponent of --mix temperature, and this run mixes otherwise.", "add --mix temperature, or drop --temperature")
     # A repeatable flag given no times arrives as (): unset, like a flag that is None.
     changes = {FLAG_SETTINGS[k]: list(v) if isinstance(v, tuple) else v for k, v in flags.items() if v not in (None, ()) and k in FLAG_SETTINGS}
     if flags.get("data"):
