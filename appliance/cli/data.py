@@ -149,7 +149,7 @@ def show(prepared, cfg, model_name: str | None) -> None:
         ui.console.print("[green]no leakage[/]: no prompt appears in two splits")
     for s in report.sources:
         for p in s.problems:
-            ui.console.print(f"[red]{s.path}[/] {p}", highlight=False)
+            ui.console.print(f"[red]{s.path}[/]{' ' if p.line else ': '}{p}", highlight=False)
     for p in report.problems:
         ui.console.print(f"[red]{p}[/]", highlight=False)
     count = sum(len(s.problems) for s in report.sources) + len(report.problems)

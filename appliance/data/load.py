@@ -256,7 +256,10 @@ def _load_records(path: Path, records: list[tuple[int, Any]], unit: str, columns
     if fmt is None:
         if objects:
             mapped = f" (with the columns mapped: {columns})" if columns else ""
-            problems.insert(0, Problem(0, f"no {unit} has the keys of a known format{mapped} ({expected_keys()})"))
+            found = ", ".join(sorted({str(k) for _, r in objects for k in r})[:12]) or "none"
+            hint = "; map yours with --set data.columns.KEY=yours, e.g. data.columns.prompt=question" if not columns else ""
+            problems.insert(0, Problem(0, f"no {unit} has the keys of a known format{mapped}: its keys are {found} "
+                                          f"({expected_keys()}){hint}"))
         elif not problems:
             problems.append(Problem(0, "the file holds no examples"))
         return LoadedFile(path, "unknown", [], sorted(problems, key=lambda p: p.line))
