@@ -358,7 +358,8 @@ def read_yaml(path: Path, what: str) -> dict[str, Any]:
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ApplianceError(f"{what} {path} must be a mapping of sections (model, lora, data, train).", None)
+        raise ApplianceError(f"{what} {path} must be a mapping of sections (model, lora, data, train).",
+                             "write it as `train:` on one line, then `  steps: 100` indented below (`appliance train --help` for the fields)")
     return data
 
 

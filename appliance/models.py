@@ -86,6 +86,8 @@ def resolve_source(source: str) -> ResolvedSource:
         return ResolvedSource("hf-folder", path.resolve(), f"folder:{path.resolve()}", _slug(path.name))
     if HF_ID_RE.match(source) and not source.startswith((".", "/")):
         return ResolvedSource("hf-folder", _from_hf_cache(source), f"hf:{source}", _slug(source.split("/")[-1]))
+    if source.startswith((".", "/", "~")) or source.endswith((".gguf", ".safetensors", ".json")):
+        raise ApplianceError(f"{source} does not exist.", "check the path (relative paths start in the current folder)")
     raise ApplianceError(
         f"{source!r} is neither the embedded model, a local file or folder, nor a Hugging Face id.",
         "pass `smollm2`, a path to a .gguf file or HF folder, or an id like HuggingFaceTB/SmolLM2-135M-Instruct",

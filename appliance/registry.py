@@ -353,6 +353,11 @@ class Registry:
                     f"The {what} {name!r} is incomplete (no manifest: an import or save was interrupted).",
                     f"remove {folder} and create it again ({make_cmd})",
                 )
+            if kind == "adapters" and any((self.store.path("runs", name) / "checkpoints").glob("step-*")):
+                raise ApplianceError(
+                    f"The adapter {name!r} is not saved yet: its run stopped before the end.",
+                    f"finish it with `appliance train ... --name {name} --resume` (the command it was started with)",
+                )
             raise ApplianceError(
                 f"Unknown {what} {name!r}.",
                 f"{hint}see `{list_cmd}`" + ("" if known else f"; create one with `{make_cmd}`"),

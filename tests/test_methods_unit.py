@@ -37,6 +37,8 @@ def test_layers_top_n_puts_adapters_only_on_the_top_layers(tiny):
 def test_a_layer_range_outside_the_model_is_refused(tiny):
     with pytest.raises(ApplianceError, match="does not fit a model with 2 layers"):
         TrainingRun(config(lora={"layers": "0-5"}), tiny, "x").setup()
+    with pytest.raises(ApplianceError, match="'foo' is not a selection of layers"):
+        TrainingRun(config(lora={"layers": "foo"}), tiny, "x").setup()
 
 
 def test_gradual_unfreezing_follows_its_schedule(tiny):

@@ -85,3 +85,14 @@ def test_a_base_with_adapters_is_not_removed(registry):
     registry.remove_adapter("a")
     registry.remove_model("base")
     assert registry.store.names("models") == []
+
+
+@pytest.mark.bad_input
+def test_an_adapter_whose_run_stopped_early_points_to_resume(tmp_path):
+    registry = Registry(Store(tmp_path))
+    (registry.run_dir("stopped") / "checkpoints" / "step-00000002").mkdir(parents=True)
+    with pytest.raises(ApplianceError, match="not saved yet") as stopped:
+        registry.adapter("stopped")
+    assert "--name stopped --resume" in stopped.value.fix
+    with pytest.raises(ApplianceError, match="Unknown adapter 'never'"):
+        registry.adapter("never")

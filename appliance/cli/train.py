@@ -95,7 +95,7 @@ def recipe_and_files(data: tuple[str, ...], recipe: str | None) -> str:
     for text in data:
         path = Path(parse_data_arg(text)["path"])
         if not path.exists():
-            raise ApplianceError(f"--data {path} does not exist.", "check the path (FILE or FILE:WEIGHT)")
+            raise ApplianceError(f"The data file {path} does not exist.", "check the path (FILE or FILE:WEIGHT)")
     return recipe or recipe_for(Path(parse_data_arg(data[0])["path"]))
 
 

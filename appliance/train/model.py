@@ -113,10 +113,8 @@ def parse_layers(text: str | None, n_layers: int) -> list[int] | None:
     if text is None or text.strip() in ("", "all"):
         return None
     text = text.strip()
-    problem = ApplianceError(
-        f"--layers {text!r} does not fit a model with {n_layers} layers (0..{n_layers - 1}).",
-        f"use top:N or bottom:N with N ≤ {n_layers}, a range like 0-{n_layers - 1}, or a list like 0,2,4",
-    )
+    forms = f"use top:N or bottom:N with N ≤ {n_layers}, a range like 0-{n_layers - 1}, or a list like 0,2,4"
+    problem = ApplianceError(f"--layers {text!r} does not fit a model with {n_layers} layers (0..{n_layers - 1}).", forms)
     try:
         if text.startswith(("top:", "bottom:")):
             side, count = text.split(":", 1)
@@ -134,7 +132,7 @@ def parse_layers(text: str | None, n_layers: int) -> list[int] | None:
             else:
                 layers.add(int(part))
     except ValueError:
-        raise problem from None
+        raise ApplianceError(f"--layers {text!r} is not a selection of layers.", forms) from None
     if not layers or min(layers) < 0 or max(layers) >= n_layers:
         raise problem
     return sorted(layers)
