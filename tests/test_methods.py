@@ -68,7 +68,7 @@ def test_grpo_raises_a_verifiable_reward(smollm2):
     print(f"\ngrpo brevity: sampled reward {f.first_steps['reward']:.3f} (steps 1-3) → {f.last_steps['reward']:.3f} (last 3); answer tokens "
           f"{f.first_steps['completion_tokens']:.0f} → {f.last_steps['completion_tokens']:.0f}; held-out greedy reward "
           f"{f.before['reward']:.3f} → {f.after['reward']:.3f}")
-    # Measured (2 cores): 0.517 → 0.762 sampled, greedy held-out 0.563 → 0.772.
+    # Measured (2 cores, bench/results/methods-cpu-20261130-032551.json): 0.534 → 0.753 sampled, greedy held-out 0.626 → 0.844.
     assert f.last_steps["reward"] > f.first_steps["reward"] + 0.1
     assert f.after["reward"] > f.before["reward"]
 
