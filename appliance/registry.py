@@ -263,6 +263,12 @@ def safetensors_parameters(model_dir: Path) -> int:
 # -- the registry ------------------------------------------------------------
 
 
+def resumable(run_dir: Path) -> bool:
+    """Whether a run folder has a checkpoint (a step-N folder, appliance.train.checkpoint's) to resume from."""
+    checkpoints = run_dir / "checkpoints"
+    return checkpoints.is_dir() and any(c.name.startswith("step-") for c in checkpoints.iterdir())
+
+
 class Registry:
     def __init__(self, store: Store | None = None):
         self.store = store or Store()
@@ -353,7 +359,7 @@ class Registry:
                     f"The {what} {name!r} is incomplete (no manifest: an import or save was interrupted).",
                     f"remove {folder} and create it again ({make_cmd})",
                 )
-            if kind == "adapters" and any((self.store.path("runs", name) / "checkpoints").glob("step-*")):
+            if kind == "adapters" and resumable(self.run_dir(name)):
                 raise ApplianceError(
                     f"The adapter {name!r} is not saved yet: its run stopped before the end.",
                     f"finish it with `appliance train ... --name {name} --resume` (the command it was started with)",

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from appliance.errors import ApplianceError
-from appliance.registry import Registry
+from appliance.registry import Registry, resumable
 from appliance.store import MANIFEST, TMP_PREFIX, atomic_write, read_json
 
 # A curve: its label (a run's name) → (steps, values).
@@ -165,10 +165,9 @@ def read_run(registry: Registry, path: Path) -> Run:
         adapter_metrics = adapter.get("metrics", {}) if isinstance(adapter, dict) else {}
     except (OSError, ValueError):
         adapter_metrics = {}
-    checkpoints = path / "checkpoints"
     if adapter_metrics and steps and adapter_metrics.get("steps") == steps[-1]:
         status = "done"
-    elif checkpoints.is_dir() and any(c.name.startswith("step-") for c in checkpoints.iterdir()):
+    elif resumable(path):
         status = "resumable"
     else:
         status = "incomplete"

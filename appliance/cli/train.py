@@ -267,15 +267,17 @@ def fit_to_gpu(cfg, gpu: str | None, fit: bool, data_parallel: int = 1):
     from appliance.plan import plan_run
 
     # Under torchrun each rank plans again (its own check), but the launcher has already said it.
-    say = ui.console.print if "RANK" not in os.environ else (lambda *_, **__: None)
+    said_by_launcher = "RANK" in os.environ
     result = plan_run(cfg, registry(), gpu, steps=cfg.train.steps or 1, data_parallel=data_parallel)
     if result is None:
-        say("[dim]plan: no GPU here, memory not planned (--gpu NAME plans for a card)[/]")
+        if not said_by_launcher:
+            ui.console.print("[dim]plan: no GPU here, memory not planned (--gpu NAME plans for a card)[/]")
         return cfg
     e = result.estimate
     refuse_short_host_memory(e.host_load_gib)
     if e.fits:
-        say(f"[dim]plan: {e.total_gib:.1f} of {e.gpu_gib:g} GiB on the {e.gpu}[/]")
+        if not said_by_launcher:
+            ui.console.print(f"[dim]plan: {e.total_gib:.1f} of {e.gpu_gib:g} GiB on the {e.gpu}[/]")
         return cfg
     advice = [f"  {r.description}: {r.total_gib:.1f} GiB{' (fits)' if r.fits else ''}" for r in result.recommendations]
     held = None if e.device == "cpu" else held_memory_note(e.held_gib)  # on a CPU, others' memory is the OS's business
@@ -290,7 +292,7 @@ def fit_to_gpu(cfg, gpu: str | None, fit: bool, data_parallel: int = 1):
             else "no single change fits: combine them, or plan a smaller model (appliance plan)",
             details=advice,
         )
-    if "RANK" not in os.environ:
+    if not said_by_launcher:
         ui.warn(f"--fit: {choice.description}; planned {choice.total_gib:.1f} of {e.gpu_gib:g} GiB on the {e.gpu}")
     return cfg.with_changes(choice.config_changes())
 
